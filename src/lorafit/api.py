@@ -1,0 +1,125 @@
+"""The Python API that the CLI wraps: one function per command, importable by users.
+
+    import lorafit
+    run = lorafit.train("configs/support.yaml", ["--learning_rate=5e-5"])
+    lorafit.evaluate(run.run_dir); lorafit.diagnose(run.run_dir); lorafit.report(run.run_dir)
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from .config import TrainConfig, load_config
+from .errors import RunError
+
+log = logging.getLogger("lorafit")
+
+
+def _config(config: TrainConfig | str | Path | dict, overrides: list[str] | dict | None) -> TrainConfig:
+    """Any way a user may hold a config -> a validated TrainConfig (overrides applied last)."""
+    if isinstance(overrides, (list, tuple)):
+        from .config import parse_override
+
+        overrides = dict(parse_override(o) for o in overrides)
+    if isinstance(config, TrainConfig):
+        config = {k: v for k, v in config.to_dict().items() if k not in ("effective_warmup_steps", "total_steps")}
+    if isinstance(config, dict):
+        return load_config(None, {**config, **(overrides or {})})
+    return load_config(config, overrides)
+
+
+def train(config: TrainConfig | str | Path | dict, overrides: list[str] | dict | None = None, *,
+          progress: bool = True, plot: bool = True) -> Any:
+    """Train (or resume) a run, then draw its loss curves with the diagnosis marked."""
+    from .train import train as _train
+
+    cfg = _config(config, overrides)
+    result = _train(cfg, progress=progress)
+    from .train.dist import is_main
+
+    if plot and is_main():
+        try:
+            findings = diagnose(result.run_dir, quiet=True)
+        except Exception as e:  # a plot must never cost the user a finished run
+            log.warning("diagnosis after training failed: %s", e)
+            findings = None
+        from .report import plot_loss
+
+        plot_loss(result.run_dir, findings)
+    return result
+
+
+def generate(run: str | Path, prompt: str, *, max_new_tokens: int = 256, base_only: bool = False,
+             device: str = "auto") -> str:
+    """Greedy answer of the tuned model (or the base) to one user prompt, chat template applied."""
+    import torch
+
+    from .data import ensure_template, render_prompt
+    from .model import load_run_model
+
+    run = _run_dir(run)
+    cfg = load_config(run / "config.yaml")
+    model, tok = load_run_model(run, with_adapter=not base_only, device=device)
+    ensure_template(tok, cfg.template)
+    text = render_prompt(tok, [{"role": "user", "content": prompt}], cfg.system_prompt)
+    enc = tok(text, return_tensors="pt", add_special_tokens=False).to(next(model.parameters()).device)
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+    return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+def merge(run: str | Path, out: str | Path) -> Path:
+    """Merge the adapter into the base: a full safetensors model that from_pretrained loads."""
+    from .model import merge as _merge
+
+    return _merge(_run_dir(run), out)
+
+
+def evaluate(run: str | Path, **kwargs: Any) -> dict:
+    """ROUGE/BLEU before and after on every validation set (and the general set): see evaluate."""
+    from .evaluate import evaluate_run
+
+    return evaluate_run(_run_dir(run), **kwargs)
+
+
+def score(predictions: str | Path, *, mode: str = "llamafactory", lang: str | None = None) -> dict:
+    from .evaluate import score_file
+
+    return score_file(predictions, mode=mode, lang=lang)
+
+
+def diagnose(run: str | Path, *, write_config: str | Path | None = None, quiet: bool = False) -> list:
+    from .diagnose import diagnose_run
+
+    return diagnose_run(_run_dir(run), write_config=None if write_config is None else str(write_config))
+
+
+def report(run: str | Path, *, study: str | Path | None = None) -> tuple[Path, Path]:
+    from .report import write_report
+
+    study_res = None
+    if study is not None:
+        from .blind import results
+
+        study_res = results(study)
+    return write_report(_run_dir(run), study=study_res)
+
+
+def demo(out: str | Path = "runs/demo", *, progress: bool = True) -> dict:
+    """The built-in default: write the demo set, fine-tune SmolLM2, evaluate, diagnose, report."""
+    from .demo import demo_overrides
+
+    out = Path(out)
+    result = train(load_config(None, demo_overrides(out)), progress=progress)
+    metrics = evaluate(result.run_dir)
+    findings = diagnose(result.run_dir)
+    html, md = report(result.run_dir)
+    return {"run_dir": result.run_dir, "metrics": metrics, "findings": findings, "report": html}
+
+
+def _run_dir(run: str | Path) -> Path:
+    p = Path(run)
+    if not (p / "config.yaml").is_file():
+        raise RunError("not a run folder (no config.yaml); pass the output_dir of `lorafit train`", file=str(p))
+    return p

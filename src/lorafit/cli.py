@@ -1,0 +1,177 @@
+"""Thin command line over `lorafit.api`: parse arguments, call the API, print, map errors to exit 2."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from .errors import LorafitError
+
+
+def _parser() -> argparse.ArgumentParser:
+    from .config import config_help
+
+    p = argparse.ArgumentParser(prog="lorafit", description="LoRA fine-tuning that tells you whether it worked.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    t = sub.add_parser("train", help="train (or resume) a LoRA adapter", formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="lorafit train CONFIG.yaml [--key=value ...]\n\nconfig keys:\n" + config_help())
+    t.add_argument("config", help="YAML config file")
+    t.add_argument("--nproc", type=int, default=None, help="launch on N processes/GPUs through torchrun")
+    t.add_argument("--no-progress", action="store_true")
+
+    g = sub.add_parser("generate", help="greedy answer of a run's tuned model to one prompt")
+    g.add_argument("--run", required=True)
+    g.add_argument("prompt")
+    g.add_argument("--max-new-tokens", type=int, default=256)
+    g.add_argument("--base", action="store_true", help="answer with the base model instead")
+
+    m = sub.add_parser("merge", help="merge the adapter into a full safetensors model")
+    m.add_argument("--run", required=True)
+    m.add_argument("--out", required=True)
+
+    e = sub.add_parser("eval", help="ROUGE/BLEU before and after fine-tuning on every validation set")
+    e.add_argument("run")
+    e.add_argument("--max-new-tokens", type=int, default=None)
+    e.add_argument("--batch-size", type=int, default=None)
+    e.add_argument("--max-samples", type=int, default=None)
+    e.add_argument("--mode", choices=["llamafactory", "standard"], default=None)
+
+    s = sub.add_parser("score", help="score a predictions file (prompt/predict/label JSON lines)")
+    s.add_argument("predictions")
+    s.add_argument("--mode", choices=["llamafactory", "standard"], default="llamafactory")
+    s.add_argument("--lang", choices=["en", "zh"], default=None)
+    s.add_argument("--json", action="store_true")
+
+    d = sub.add_parser("diagnose", help="find what went wrong in a run and write the fix")
+    d.add_argument("run")
+    d.add_argument("--write-config", default=None, help="write the patched config here")
+
+    r = sub.add_parser("report", help="report.html + report.md for a run")
+    r.add_argument("run")
+    r.add_argument("--study", default=None, help="a blind-test study database to include")
+
+    b = sub.add_parser("blind", help="human blind test of base vs tuned answers")
+    bs = b.add_subparsers(dest="blind_cmd", required=True)
+    bc = bs.add_parser("create")
+    bc.add_argument("--a", default=None, help="predictions file of model A")
+    bc.add_argument("--b", default=None, help="predictions file of model B")
+    bc.add_argument("--run", default=None, help="take base vs tuned predictions from this run's eval/")
+    bc.add_argument("--set", default=None, help="with --run: the validation set's name")
+    bc.add_argument("--raters", type=int, required=True)
+    bc.add_argument("--out", required=True)
+    bc.add_argument("--base-url", default="http://127.0.0.1:8765")
+    bv = bs.add_parser("serve")
+    bv.add_argument("db")
+    bv.add_argument("--host", default="127.0.0.1")
+    bv.add_argument("--port", type=int, default=8765)
+    br = bs.add_parser("results")
+    br.add_argument("db")
+    br.add_argument("--json", action="store_true")
+    br.add_argument("--plot", default=None)
+
+    dm = sub.add_parser("demo", help="the built-in default job: fine-tune SmolLM2-135M on a demo set")
+    dm.add_argument("--out", default="runs/demo")
+    return p
+
+
+def _torchrun(n: int, argv: list[str]) -> int:
+    import subprocess
+
+    rest = [a for i, a in enumerate(argv) if not a.startswith("--nproc") and not (i > 0 and argv[i - 1] == "--nproc")]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", "-m", "lorafit", *rest]
+    return subprocess.call(cmd)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.cmd != "train":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    logging.basicConfig(level=logging.INFO, format="lorafit: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return _run(args, extra, argv)
+    except LorafitError as e:
+        print(f"lorafit: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _run(args: argparse.Namespace, extra: list[str], argv: list[str]) -> int:
+    from . import api
+
+    if args.cmd == "train":
+        from .config import load_config
+
+        cfg = load_config(args.config, extra)  # validate before anything is launched or loaded
+        if args.nproc and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+            return _torchrun(args.nproc, argv)
+        res = api.train(cfg, progress=not args.no_progress)
+        print(f"run folder: {res.run_dir}\n  adapter: {res.run_dir / 'adapter'}\n  log: {res.run_dir / 'log.jsonl'}"
+              f"\n  loss curves: {res.run_dir / 'loss.png'}")
+    elif args.cmd == "generate":
+        print(api.generate(args.run, args.prompt, max_new_tokens=args.max_new_tokens, base_only=args.base))
+    elif args.cmd == "merge":
+        print(f"merged model: {api.merge(args.run, args.out)}")
+    elif args.cmd == "eval":
+        api.evaluate(args.run, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                     max_samples=args.max_samples, mode=args.mode)
+        print((Path(args.run) / "eval" / "metrics.md").read_text(encoding="utf-8"))
+    elif args.cmd == "score":
+        res = api.score(args.predictions, mode=args.mode, lang=args.lang)
+        if args.json:
+            print(json.dumps({k: res[k] for k in ("rouge-1", "rouge-2", "rouge-l", "bleu-4")}))
+        else:
+            print("  ".join(f"{k}: {res[k]:.2f}" for k in ("rouge-1", "rouge-2", "rouge-l", "bleu-4")))
+    elif args.cmd == "diagnose":
+        from .diagnose import format_findings
+
+        findings = api.diagnose(args.run, write_config=args.write_config)
+        print(format_findings(findings))
+        if args.write_config:
+            print(f"patched config: {args.write_config}")
+    elif args.cmd == "report":
+        html, md = api.report(args.run, study=args.study)
+        print(f"report: {html}\n        {md}")
+    elif args.cmd == "blind":
+        return _blind(args)
+    elif args.cmd == "demo":
+        res = api.demo(args.out)
+        d = res["run_dir"]
+        print(f"\ndemo finished. outputs in {d}:\n  adapter/     PEFT adapter\n  log.jsonl    training log"
+              f"\n  loss.png     loss curves\n  eval/metrics.md  ROUGE/BLEU before vs after\n  diagnosis.json"
+              f"\n  report.html  everything in one page")
+    return 0
+
+
+def _blind(args: argparse.Namespace) -> int:
+    from . import blind
+
+    if args.blind_cmd == "create":
+        if args.run:
+            info = blind.create_study_from_run(args.run, args.set, raters=args.raters, out=args.out)
+        else:
+            if not (args.a and args.b):
+                from .errors import ConfigError
+
+                raise ConfigError("give --a and --b prediction files, or --run (and --set)", field="--a/--b")
+            info = blind.create_study(args.a, args.b, raters=args.raters, out=args.out)
+        print(info.format(args.base_url) if hasattr(info, "format") else info)
+    elif args.blind_cmd == "serve":
+        blind.serve(args.db, host=args.host, port=args.port)
+    elif args.blind_cmd == "results":
+        res = blind.results(args.db)
+        if args.plot:
+            blind.results_plot(res, args.plot)
+        print(json.dumps(res, indent=1, ensure_ascii=False) if args.json else blind.results_markdown(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,472 @@
+"""Reading training data (alpaca, sharegpt, text, JSON/JSONL/CSV, LLaMA-Factory dataset_info.json)
+into one shape -- a list of chat messages -- and turning that into token ids plus a loss mask.
+
+Every record is normalised to ``Example.messages``: ``[{"role": "system"|"user"|"assistant",
+"content": str}, ...]`` ending with the assistant answer (the label). Errors name file, line, field.
+
+Field aliases (used when no ``columns`` mapping is given): instruction <- instruction | prompt |
+question | query | mr; output <- output | response | answer | std_answer | ref.
+
+Truncation policy (``max_length``): the sequence is split at its first supervised token into a
+prompt part and a response part. If too long, the response keeps its *first* tokens (the start of
+the answer carries the most signal) with a budget of ``max(max_length // 2, max_length - len(prompt))``,
+and the prompt keeps its *last* tokens (the question and assistant header sit next to the answer).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+from .errors import DataError
+
+ALIASES = {
+    "instruction": ("instruction", "prompt", "question", "query", "mr"),
+    "input": ("input",),
+    "output": ("output", "response", "answer", "std_answer", "ref"),
+    "system": ("system",),
+    "history": ("history",),
+}
+ROLE_MAP = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+            "model": "assistant", "bot": "assistant", "system": "system", "observation": "user",
+            "function_call": "assistant", "tool": "user"}
+_DOLLY = re.compile(r"^\s*### Human:\s*(?P<q>.*?)\s*### Assistant:\s*(?P<a>.*)$", re.S)
+
+# ChatML: the documented fallback for models that ship no chat template.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content']"
+    " + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+@dataclass
+class Example:
+    messages: list[dict[str, str]]
+    source: str = ""
+    line: int = 0
+    references: list[str] = field(default_factory=list)  # extra references (e.g. E2E), label included
+
+    @property
+    def prompt_messages(self) -> list[dict[str, str]]:
+        return self.messages[:-1]
+
+    @property
+    def label(self) -> str:
+        return self.messages[-1]["content"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading files
+# ------------------------------------------------------------------------------------------------
+def _read_text(path: Path) -> str:
+    if not path.is_file():
+        raise DataError("file not found", file=str(path))
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise DataError(f"not valid UTF-8 (byte {e.start}); convert the file to UTF-8", file=str(path), line=line) from None
+    if not text.strip():
+        raise DataError("file is empty", file=str(path))
+    return text
+
+
+def _records_json(path: Path, text: str) -> Iterable[tuple[int, Any]]:
+    """Yield (line, record) from a JSON array or JSON lines file, with the line of each record."""
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        dec = json.JSONDecoder()
+        pos = text.index("[") + 1
+        n = len(text)
+        while True:
+            while pos < n and text[pos] in " \t\r\n,":
+                pos += 1
+            if pos >= n:
+                raise DataError("unterminated JSON array (file truncated?)", file=str(path), line=text.count("\n") + 1)
+            if text[pos] == "]":
+                return
+            line = text.count("\n", 0, pos) + 1
+            try:
+                obj, pos = dec.raw_decode(text, pos)
+            except json.JSONDecodeError as e:
+                raise DataError(f"invalid JSON: {e.msg}", file=str(path), line=text.count("\n", 0, e.pos) + 1) from None
+            yield line, obj
+    else:
+        for i, ln in enumerate(text.splitlines(), 1):
+            if not ln.strip():
+                continue
+            try:
+                yield i, json.loads(ln)
+            except json.JSONDecodeError as e:
+                raise DataError(f"invalid JSON line: {e.msg} (column {e.colno})", file=str(path), line=i) from None
+
+
+def _records_csv(path: Path, text: str) -> Iterable[tuple[int, Any]]:
+    reader = csv.DictReader(io.StringIO(text))
+    if not reader.fieldnames:
+        raise DataError("CSV has no header row", file=str(path), line=1)
+    try:
+        for row in reader:
+            if None in row:
+                raise DataError("row has more fields than the header", file=str(path), line=reader.line_num)
+            yield reader.line_num, row
+    except csv.Error as e:
+        raise DataError(f"malformed CSV: {e}", file=str(path), line=reader.line_num) from None
+
+
+def _pick(rec: dict, key: str, columns: dict[str, str]) -> Any:
+    if key in columns:
+        return rec.get(columns[key])
+    for alias in ALIASES.get(key, (key,)):
+        if alias in rec:
+            return rec[alias]
+    return None
+
+
+def _field_name(rec: dict, key: str, columns: dict[str, str]) -> str:
+    if key in columns:
+        return columns[key]
+    return next((a for a in ALIASES.get(key, (key,)) if a in rec), key)
+
+
+def _detect(rec: dict, columns: dict[str, str]) -> str:
+    keys = set(rec)
+    if "conversations" in columns or "messages" in columns or keys & {"conversations", "messages"}:
+        return "sharegpt"
+    if "text" in columns or (keys == {"text"} or ("text" in keys and _pick(rec, "output", columns) is None)):
+        return "text"
+    return "alpaca"
+
+
+def _need_str(v: Any, path: Path, line: int, name: str, allow_empty: bool = False) -> str:
+    if v is None:
+        raise DataError("missing field", file=str(path), line=line, field=name)
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        v = str(v)
+    if not isinstance(v, str):
+        raise DataError(f"expected a string, got {type(v).__name__}", file=str(path), line=line, field=name)
+    if not allow_empty and not v.strip():
+        raise DataError("empty field", file=str(path), line=line, field=name)
+    return v
+
+
+def _alpaca(rec: dict, path: Path, line: int, columns: dict[str, str]) -> list[dict[str, str]]:
+    f_ins, f_out = _field_name(rec, "instruction", columns), _field_name(rec, "output", columns)
+    ins = _need_str(_pick(rec, "instruction", columns), path, line, f_ins)
+    out = _need_str(_pick(rec, "output", columns), path, line, f_out)
+    inp = _pick(rec, "input", columns)
+    if inp is not None:
+        inp = _need_str(inp, path, line, _field_name(rec, "input", columns), allow_empty=True)
+    msgs: list[dict[str, str]] = []
+    system = _pick(rec, "system", columns)
+    if system:
+        msgs.append({"role": "system", "content": _need_str(system, path, line, "system")})
+    history = _pick(rec, "history", columns) or []
+    if not isinstance(history, list):
+        raise DataError("history must be a list of [query, response] pairs", file=str(path), line=line, field="history")
+    for i, turn in enumerate(history):
+        if not (isinstance(turn, (list, tuple)) and len(turn) == 2 and all(isinstance(t, str) for t in turn)):
+            raise DataError(f"history[{i}] must be a [query, response] pair of strings", file=str(path), line=line, field="history")
+        msgs += [{"role": "user", "content": turn[0]}, {"role": "assistant", "content": turn[1]}]
+    user = ins if not inp else f"{ins}\n{inp}"
+    msgs += [{"role": "user", "content": user}, {"role": "assistant", "content": out}]
+    return msgs
+
+
+def _sharegpt(rec: dict, path: Path, line: int, columns: dict[str, str], tags: dict[str, str]) -> list[dict[str, str]]:
+    key = columns.get("messages") or columns.get("conversations") or ("conversations" if "conversations" in rec else "messages")
+    conv = rec.get(key)
+    if conv is None:
+        raise DataError("missing field", file=str(path), line=line, field=key)
+    if not isinstance(conv, list) or not conv:
+        raise DataError("must be a non-empty list of turns", file=str(path), line=line, field=key)
+    role_tag = tags.get("role_tag") or ("from" if isinstance(conv[0], dict) and "from" in conv[0] else "role")
+    content_tag = tags.get("content_tag") or ("value" if role_tag == "from" else "content")
+    roles = dict(ROLE_MAP)
+    if "user_tag" in tags:
+        roles[tags["user_tag"]] = "user"
+    if "assistant_tag" in tags:
+        roles[tags["assistant_tag"]] = "assistant"
+    msgs = []
+    for i, turn in enumerate(conv):
+        fname = f"{key}[{i}]"
+        if not isinstance(turn, dict):
+            raise DataError("turn must be an object", file=str(path), line=line, field=fname)
+        role = turn.get(role_tag)
+        if role not in roles:
+            raise DataError(f"unknown role {role!r}", file=str(path), line=line, field=f"{fname}.{role_tag}")
+        content = _need_str(turn.get(content_tag), path, line, f"{fname}.{content_tag}")
+        msgs.append({"role": roles[role], "content": content})
+    if rec.get("system") and msgs[0]["role"] != "system":
+        msgs.insert(0, {"role": "system", "content": str(rec["system"])})
+    if msgs[-1]["role"] != "assistant":
+        raise DataError("conversation must end with an assistant turn", file=str(path), line=line, field=key)
+    if not any(m["role"] == "user" for m in msgs):
+        raise DataError("conversation has no user turn", file=str(path), line=line, field=key)
+    return msgs
+
+
+def _text(rec: dict, path: Path, line: int, columns: dict[str, str]) -> list[dict[str, str]]:
+    name = columns.get("text", "text")
+    t = _need_str(rec.get(name), path, line, name)
+    m = _DOLLY.match(t)
+    if not m or not m.group("q").strip() or not m.group("a").strip():
+        raise DataError("text must look like '### Human: question ### Assistant: answer'", file=str(path), line=line, field=name)
+    return [{"role": "user", "content": m.group("q").strip()}, {"role": "assistant", "content": m.group("a").strip()}]
+
+
+def _dataset_info(spec: str) -> tuple[Path, str, dict[str, str], dict[str, str]]:
+    info_path, _, name = spec.partition("#")
+    p = Path(info_path)
+    try:
+        info = json.loads(_read_text(p))
+    except json.JSONDecodeError as e:
+        raise DataError(f"invalid JSON: {e.msg}", file=str(p), line=e.lineno) from None
+    if not name:
+        raise DataError("name the dataset: DIR/dataset_info.json#NAME", file=str(p))
+    if name not in info:
+        raise DataError(f"no dataset named {name!r} (have: {', '.join(sorted(info))})", file=str(p), field=name)
+    entry = info[name]
+    if "file_name" not in entry:
+        raise DataError("entry has no file_name (hub datasets are not readable offline)", file=str(p), field=f"{name}.file_name")
+    fmt = entry.get("formatting", "alpaca")
+    cols = dict(entry.get("columns", {}))
+    mapping = {"prompt": "instruction", "query": "input", "response": "output", "system": "system",
+               "history": "history", "messages": "messages"}
+    columns = {mapping[k]: v for k, v in cols.items() if k in mapping}
+    return p.parent / entry["file_name"], fmt, columns, dict(entry.get("tags", {}))
+
+
+def read_examples(path: str | Path, fmt: str = "auto", columns: dict[str, str] | None = None) -> list[Example]:
+    """Read one data file into Examples; raises DataError naming file, line and field."""
+    spec = str(path)
+    tags: dict[str, str] = {}
+    columns = dict(columns or {})
+    if "dataset_info.json#" in spec or spec.endswith("dataset_info.json"):
+        p, fmt, columns, tags = _dataset_info(spec)
+    else:
+        p = Path(spec)
+    suffix = p.suffix.lower()
+    if suffix not in (".json", ".jsonl", ".csv"):
+        raise DataError(f"unknown file type {suffix or '(none)'!r}: expected .json, .jsonl or .csv", file=str(p))
+    text = _read_text(p)
+    records = _records_csv(p, text) if suffix == ".csv" else _records_json(p, text)
+    out: list[Example] = []
+    for line, rec in records:
+        if not isinstance(rec, dict):
+            raise DataError(f"record must be a JSON object, got {type(rec).__name__}", file=str(p), line=line)
+        kind = _detect(rec, columns) if fmt == "auto" else fmt
+        if kind == "sharegpt":
+            msgs = _sharegpt(rec, p, line, columns, tags)
+        elif kind == "text":
+            msgs = _text(rec, p, line, columns)
+        elif kind == "alpaca":
+            msgs = _alpaca(rec, p, line, columns)
+        else:
+            raise DataError(f"unknown format {kind!r}", file=str(p), field="format")
+        out.append(Example(msgs, str(p), line))
+    if not out:
+        raise DataError("no records", file=str(p))
+    return out
+
+
+def group_references(examples: list[Example]) -> list[Example]:
+    """Merge examples with the same prompt into one with several references (E2E: one MR, many refs)."""
+    by_prompt: dict[str, Example] = {}
+    for ex in examples:
+        key = json.dumps(ex.prompt_messages, ensure_ascii=False)
+        if key in by_prompt:
+            by_prompt[key].references.append(ex.label)
+        else:
+            by_prompt[key] = Example(ex.messages, ex.source, ex.line, [ex.label])
+    return list(by_prompt.values())
+
+
+# ------------------------------------------------------------------------------------------------
+# Chat template and loss mask -- built together so they can never disagree
+# ------------------------------------------------------------------------------------------------
+def ensure_template(tokenizer: Any, template: str = "auto") -> Any:
+    if template == "chatml" or not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer
+
+
+def render_prompt(tokenizer: Any, messages: list[dict[str, str]], system_prompt: str | None = None) -> str:
+    """The text a model sees before it answers (the assistant header included)."""
+    msgs = _with_system(messages, system_prompt)
+    return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+
+
+def _with_system(messages: list[dict[str, str]], system_prompt: str | None) -> list[dict[str, str]]:
+    if system_prompt and (not messages or messages[0]["role"] != "system"):
+        return [{"role": "system", "content": system_prompt}] + list(messages)
+    return list(messages)
+
+
+def encode(tokenizer: Any, messages: list[dict[str, str]], *, max_length: int, train_on_prompt: bool = False,
+           system_prompt: str | None = None) -> tuple[list[int], list[int], bool]:
+    """Token ids, labels (-100 where no loss) and whether truncation happened.
+
+    Rendering is cumulative: the text of messages[:k+1] extends that of messages[:k], so each turn's
+    tokens are the difference; assistant turns are supervised except their header.
+    """
+    msgs = _with_system(messages, system_prompt)
+    ids: list[int] = []
+    labels: list[int] = []
+    prev = ""
+
+    def add(text: str, supervised: bool) -> None:
+        if not text:
+            return
+        t = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids.extend(t)
+        labels.extend(t if (supervised or train_on_prompt) else [-100] * len(t))
+
+    for k, m in enumerate(msgs):
+        if m["role"] == "assistant":
+            head = tokenizer.apply_chat_template(msgs[:k], tokenize=False, add_generation_prompt=True)
+            full = tokenizer.apply_chat_template(msgs[: k + 1], tokenize=False)
+            if not (head.startswith(prev) and full.startswith(head)):
+                raise DataError("chat template is not prefix-consistent; use template: chatml", field="template")
+            add(head[len(prev):], False)
+            add(full[len(head):], True)
+            prev = full
+        else:
+            full = tokenizer.apply_chat_template(msgs[: k + 1], tokenize=False)
+            if not full.startswith(prev):
+                raise DataError("chat template is not prefix-consistent; use template: chatml", field="template")
+            add(full[len(prev):], False)
+            prev = full
+    truncated = len(ids) > max_length
+    if truncated:
+        ids, labels = _truncate(ids, labels, max_length)
+    return ids, labels, truncated
+
+
+def _truncate(ids: list[int], labels: list[int], max_length: int) -> tuple[list[int], list[int]]:
+    s = next((i for i, l in enumerate(labels) if l != -100), len(ids))
+    prompt_ids, resp_ids = ids[:s], ids[s:]
+    resp_budget = min(len(resp_ids), max(max_length // 2, max_length - len(prompt_ids)))
+    prompt_budget = max_length - resp_budget
+    p0 = len(prompt_ids) - prompt_budget
+    new_ids = prompt_ids[p0:] + resp_ids[:resp_budget]
+    new_labels = labels[:s][p0:] + labels[s:][:resp_budget]
+    return new_ids, new_labels
+
+
+# ------------------------------------------------------------------------------------------------
+# Augmentation (prompt side only, so the label stays a correct answer)
+# ------------------------------------------------------------------------------------------------
+_PREFIXES = ["", "Question: ", "Please help: ", "请回答：", "Customer: "]
+
+
+def augment_example(ex: Example, kinds: list[str], rng: random.Random) -> Example:
+    """Perturb only the last user turn; the answer (label) is untouched, so it stays valid.
+
+    prompt_variants: a neutral prefix; word_dropout: drop ~10% of words (characters for CJK);
+    swap_adjacent: swap one adjacent pair. These mimic typos and paraphrase noise of real users.
+    """
+    msgs = [dict(m) for m in ex.messages]
+    ui = max(i for i, m in enumerate(msgs) if m["role"] == "user")
+    text = msgs[ui]["content"]
+    for kind in kinds:
+        units = text.split(" ") if " " in text else list(text)
+        sep = " " if " " in text else ""
+        if kind == "word_dropout" and len(units) > 4:
+            units = [u for u in units if rng.random() > 0.1] or units
+        elif kind == "swap_adjacent" and len(units) > 2:
+            i = rng.randrange(len(units) - 1)
+            units[i], units[i + 1] = units[i + 1], units[i]
+        text = sep.join(units)
+        if kind == "prompt_variants":
+            text = rng.choice(_PREFIXES[1:]) + text
+    msgs[ui]["content"] = text
+    return Example(msgs, ex.source, ex.line)
+
+
+# ------------------------------------------------------------------------------------------------
+# Building the datasets of a run
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class Datasets:
+    train: list[Example]
+    val: dict[str, list[Example]]
+    n_general: int = 0
+
+
+def build_datasets(cfg: Any) -> Datasets:
+    """Read, shuffle (from the seed), split and mix; everything is validated before training starts."""
+    rng = random.Random(cfg.seed)
+    train: list[Example] = []
+    for path in cfg.data:
+        train += read_examples(path, cfg.format, cfg.columns)
+    rng.shuffle(train)
+    if cfg.max_samples:
+        train = train[: cfg.max_samples]
+    val: dict[str, list[Example]] = {}
+    if cfg.val_size:
+        n = int(cfg.val_size) if cfg.val_size >= 1 else max(1, round(cfg.val_size * len(train)))
+        if n >= len(train):
+            raise DataError(f"val_size {cfg.val_size} leaves no training examples", field="val_size")
+        val["val"], train = train[:n], train[n:]
+    for name, path in cfg.val_data.items():
+        val[name] = read_examples(path, cfg.format, cfg.columns)
+    if cfg.general_eval:
+        val["general"] = read_examples(cfg.general_eval, "auto")
+    if cfg.max_eval_samples:
+        val = {k: v[: cfg.max_eval_samples] for k, v in val.items()}
+    if cfg.augment:
+        aug = [augment_example(ex, cfg.augment, rng) for ex in train for _ in range(cfg.augment_copies)]
+        train = train + aug
+        rng.shuffle(train)
+    n_general = 0
+    if cfg.general_ratio > 0:
+        pool: list[Example] = []
+        for path in cfg.general_data:
+            pool += read_examples(path, "auto")
+        n_general = min(len(pool), round(len(train) * cfg.general_ratio / (1 - cfg.general_ratio)))
+        rng.shuffle(pool)
+        train = train + pool[:n_general]
+        rng.shuffle(train)
+    return Datasets(train, val, n_general)
+
+
+@dataclass
+class Encoded:
+    input_ids: list[list[int]]
+    labels: list[list[int]]
+    n_truncated: int
+
+
+def encode_all(tokenizer: Any, examples: list[Example], cfg: Any) -> Encoded:
+    ids, labels, n_trunc = [], [], 0
+    for ex in examples:
+        i, l, t = encode(tokenizer, ex.messages, max_length=cfg.max_length, train_on_prompt=cfg.train_on_prompt,
+                         system_prompt=cfg.system_prompt)
+        if all(x == -100 for x in l):
+            continue  # nothing to learn from (answer truncated away entirely)
+        ids.append(i)
+        labels.append(l)
+        n_trunc += t
+    return Encoded(ids, labels, n_trunc)
+
+
+def collate(batch_ids: list[list[int]], batch_labels: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a micro-batch for training / loss evaluation."""
+    n = max(len(x) for x in batch_ids)
+    ids = torch.full((len(batch_ids), n), pad_id, dtype=torch.long)
+    lab = torch.full((len(batch_ids), n), -100, dtype=torch.long)
+    att = torch.zeros((len(batch_ids), n), dtype=torch.long)
+    for r, (i, l) in enumerate(zip(batch_ids, batch_labels)):
+        ids[r, : len(i)] = torch.tensor(i)
+        lab[r, : len(l)] = torch.tensor(l)
+        att[r, : len(i)] = 1
+    return {"input_ids": ids, "labels": lab, "attention_mask": att}

