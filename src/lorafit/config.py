@@ -186,6 +186,10 @@ def _coerce(name: str, value: Any, source: str | None, line: int | None) -> Any:
     try:
         if value is None:
             return None if "None" in ftype else _type_error()
+        if ftype == "list[str] | str":
+            if isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+                return value
+            return _type_error()
         if ftype.startswith("list"):
             if isinstance(value, str):
                 value = [value] if name != "augment" or value else []
@@ -196,10 +200,6 @@ def _coerce(name: str, value: Any, source: str | None, line: int | None) -> Any:
             if not isinstance(value, dict):
                 return _type_error()
             return {str(k): str(v) for k, v in value.items()}
-        if ftype == "list[str] | str":
-            if isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value)):
-                return value
-            return _type_error()
         if ftype == "bool":
             if isinstance(value, bool):
                 return value
@@ -326,6 +326,7 @@ def _resolve_paths(cfg: TrainConfig, base: Path) -> TrainConfig:
     return dataclasses.replace(
         cfg,
         model=fix(cfg.model),
+        output_dir=str((base / Path(cfg.output_dir).expanduser()).resolve()),
         data=[_fix_keep_fragment(fix, d) for d in cfg.data],
         val_data={k: _fix_keep_fragment(fix, v) for k, v in cfg.val_data.items()},
         general_eval=None if cfg.general_eval is None else fix(cfg.general_eval),

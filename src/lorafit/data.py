@@ -98,6 +98,8 @@ def _records_json(path: Path, text: str) -> Iterable[tuple[int, Any]]:
                 obj, pos = dec.raw_decode(text, pos)
             except json.JSONDecodeError as e:
                 raise DataError(f"invalid JSON: {e.msg}", file=str(path), line=text.count("\n", 0, e.pos) + 1) from None
+            except (RecursionError, ValueError) as e:
+                raise DataError(f"invalid JSON: {_json_limit(e)}", file=str(path), line=line) from None
             yield line, obj
     else:
         for i, ln in enumerate(text.splitlines(), 1):
@@ -107,6 +109,13 @@ def _records_json(path: Path, text: str) -> Iterable[tuple[int, Any]]:
                 yield i, json.loads(ln)
             except json.JSONDecodeError as e:
                 raise DataError(f"invalid JSON line: {e.msg} (column {e.colno})", file=str(path), line=i) from None
+            except (RecursionError, ValueError) as e:
+                raise DataError(f"invalid JSON line: {_json_limit(e)}", file=str(path), line=i) from None
+
+
+def _json_limit(e: Exception) -> str:
+    """json's failures that are not JSONDecodeError: nesting deeper than the recursion limit, huge ints."""
+    return "nested too deeply" if isinstance(e, RecursionError) else str(e).split(":")[0]
 
 
 def _records_csv(path: Path, text: str) -> Iterable[tuple[int, Any]]:
@@ -118,8 +127,8 @@ def _records_csv(path: Path, text: str) -> Iterable[tuple[int, Any]]:
             if None in row:
                 raise DataError("row has more fields than the header", file=str(path), line=reader.line_num)
             yield reader.line_num, row
-    except csv.Error as e:
-        raise DataError(f"malformed CSV: {e}", file=str(path), line=reader.line_num) from None
+    except csv.Error as e:  # DictReader.line_num is only updated after a good row: ask its reader
+        raise DataError(f"malformed CSV: {e}", file=str(path), line=reader.reader.line_num) from None
 
 
 def _pick(rec: dict, key: str, columns: dict[str, str]) -> Any:
@@ -155,6 +164,11 @@ def _need_str(v: Any, path: Path, line: int, name: str, allow_empty: bool = Fals
         raise DataError(f"expected a string, got {type(v).__name__}", file=str(path), line=line, field=name)
     if not allow_empty and not v.strip():
         raise DataError("empty field", file=str(path), line=line, field=name)
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError as e:  # a lone surrogate such as "\ud800": no tokenizer can encode it
+        raise DataError(f"invalid text: unpaired surrogate {v[e.start]!r} at character {e.start}", file=str(path),
+                        line=line, field=name) from None
     return v
 
 
@@ -175,7 +189,8 @@ def _alpaca(rec: dict, path: Path, line: int, columns: dict[str, str]) -> list[d
     for i, turn in enumerate(history):
         if not (isinstance(turn, (list, tuple)) and len(turn) == 2 and all(isinstance(t, str) for t in turn)):
             raise DataError(f"history[{i}] must be a [query, response] pair of strings", file=str(path), line=line, field="history")
-        msgs += [{"role": "user", "content": turn[0]}, {"role": "assistant", "content": turn[1]}]
+        msgs += [{"role": "user", "content": _need_str(turn[0], path, line, "history", allow_empty=True)},
+                 {"role": "assistant", "content": _need_str(turn[1], path, line, "history", allow_empty=True)}]
     user = ins if not inp else f"{ins}\n{inp}"
     msgs += [{"role": "user", "content": user}, {"role": "assistant", "content": out}]
     return msgs
@@ -201,12 +216,12 @@ def _sharegpt(rec: dict, path: Path, line: int, columns: dict[str, str], tags: d
         if not isinstance(turn, dict):
             raise DataError("turn must be an object", file=str(path), line=line, field=fname)
         role = turn.get(role_tag)
-        if role not in roles:
+        if not isinstance(role, str) or role not in roles:
             raise DataError(f"unknown role {role!r}", file=str(path), line=line, field=f"{fname}.{role_tag}")
         content = _need_str(turn.get(content_tag), path, line, f"{fname}.{content_tag}")
         msgs.append({"role": roles[role], "content": content})
     if rec.get("system") and msgs[0]["role"] != "system":
-        msgs.insert(0, {"role": "system", "content": str(rec["system"])})
+        msgs.insert(0, {"role": "system", "content": _need_str(rec["system"], path, line, "system")})
     if msgs[-1]["role"] != "assistant":
         raise DataError("conversation must end with an assistant turn", file=str(path), line=line, field=key)
     if not any(m["role"] == "user" for m in msgs):
@@ -230,13 +245,25 @@ def _dataset_info(spec: str) -> tuple[Path, str, dict[str, str], dict[str, str]]
         info = json.loads(_read_text(p))
     except json.JSONDecodeError as e:
         raise DataError(f"invalid JSON: {e.msg}", file=str(p), line=e.lineno) from None
+    except (RecursionError, ValueError) as e:
+        raise DataError(f"invalid JSON: {_json_limit(e)}", file=str(p)) from None
+    if not isinstance(info, dict):
+        raise DataError("must be a JSON object mapping dataset names to entries", file=str(p))
     if not name:
         raise DataError("name the dataset: DIR/dataset_info.json#NAME", file=str(p))
     if name not in info:
         raise DataError(f"no dataset named {name!r} (have: {', '.join(sorted(info))})", file=str(p), field=name)
     entry = info[name]
+    if not isinstance(entry, dict):
+        raise DataError("entry must be a JSON object", file=str(p), field=name)
     if "file_name" not in entry:
         raise DataError("entry has no file_name (hub datasets are not readable offline)", file=str(p), field=f"{name}.file_name")
+    if not isinstance(entry["file_name"], str):
+        raise DataError("must be a file name (a string)", file=str(p), field=f"{name}.file_name")
+    for key in ("columns", "tags"):
+        v = entry.get(key, {})
+        if not (isinstance(v, dict) and all(isinstance(x, str) for x in v.values())):
+            raise DataError("must be an object mapping names to strings", file=str(p), field=f"{name}.{key}")
     fmt = entry.get("formatting", "alpaca")
     cols = dict(entry.get("columns", {}))
     mapping = {"prompt": "instruction", "query": "input", "response": "output", "system": "system",

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
+from urllib.parse import quote
 
 from ..errors import DataError
 
@@ -81,12 +82,16 @@ def connect(path: str | Path, *, create: bool = False) -> sqlite3.Connection:
     if not create and not path.is_file():
         raise DataError("study file not found", file=str(path))
     mode = "rwc" if create else "rw"
-    conn = sqlite3.connect(f"file:{path.resolve()}?mode={mode}", uri=True, timeout=30,
+    conn = sqlite3.connect(f"file:{quote(str(path.resolve()))}?mode={mode}", uri=True, timeout=30,
                            isolation_level=None, check_same_thread=True)
     conn.row_factory = sqlite3.Row
-    conn.execute("PRAGMA busy_timeout = 30000")
-    conn.execute("PRAGMA synchronous = FULL")
-    conn.execute("PRAGMA foreign_keys = ON")
+    try:
+        conn.execute("PRAGMA busy_timeout = 30000")
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute("PRAGMA foreign_keys = ON")
+    except sqlite3.DatabaseError as e:
+        conn.close()
+        raise DataError(f"not a lorafit blind study ({e})", file=str(path)) from None
     return conn
 
 

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import random
+import re
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,31 +38,48 @@ class StudyInfo:
     n_items: int
     tokens: list[str] = field(default_factory=list)   # the rater tokens inside `links`
 
+    def format(self, base_url: str | None = None) -> str:
+        """What the CLI prints: the study, one link per rater (built on ``base_url`` when given,
+        e.g. the address `serve` will be reached at) and the admin token."""
+        links = self.links if base_url is None else [f"{base_url.rstrip('/')}/r/{t}" for t in self.tokens]
+        return "\n".join([f"study: {self.db} ({self.n_items} items)",
+                          *(f"rater {k}: {link}" for k, link in enumerate(links, 1)),
+                          f"admin token: {self.admin_token}",
+                          "save these now: the study keeps only their hashes"])
+
 
 def read_predictions(path: str | Path) -> list[Prediction]:
-    """JSON lines with string ``prompt`` and ``predict`` (``label`` optional); blank lines skipped."""
+    """JSON lines with string ``prompt`` and ``predict``; ``label`` optional, a string or (as
+    `lorafit eval` writes for multi-reference sets) a list of strings. Blank lines are skipped."""
     path = Path(path)
     if not path.is_file():
         raise DataError("predictions file not found", file=str(path))
     out: list[Prediction] = []
-    with open(path, encoding="utf-8") as f:
-        for n, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            try:
-                rec = json.loads(raw)
-            except json.JSONDecodeError as e:
-                raise DataError(f"not valid JSON ({e.msg})", file=str(path), line=n) from None
-            if not isinstance(rec, dict):
-                raise DataError("expected a JSON object", file=str(path), line=n)
-            for key in ("prompt", "predict"):
-                if key not in rec:
-                    raise DataError("missing", file=str(path), line=n, field=key)
-            for key in ("prompt", "predict", "label"):
-                if key in rec and not isinstance(rec[key], str):
-                    raise DataError(f"expected a string, got {type(rec[key]).__name__}",
-                                    file=str(path), line=n, field=key)
-            out.append(Prediction(rec["prompt"], rec["predict"], rec.get("label", ""), n))
+    for n, raw in enumerate(path.read_bytes().splitlines(), 1):
+        try:
+            text = raw.decode("utf-8-sig" if n == 1 else "utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"not valid UTF-8 (byte {e.start} of the line)", file=str(path), line=n) from None
+        if not text.strip():
+            continue
+        try:
+            rec = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"not valid JSON ({e.msg})", file=str(path), line=n) from None
+        if not isinstance(rec, dict):
+            raise DataError("expected a JSON object", file=str(path), line=n)
+        for key in ("prompt", "predict"):
+            if key not in rec:
+                raise DataError("missing", file=str(path), line=n, field=key)
+            if not isinstance(rec[key], str):
+                raise DataError(f"expected a string, got {type(rec[key]).__name__}",
+                                file=str(path), line=n, field=key)
+        label = rec.get("label", "")
+        if isinstance(label, list) and all(isinstance(x, str) for x in label):
+            label = json.dumps(label, ensure_ascii=False)
+        elif not isinstance(label, str):
+            raise DataError("expected a string or a list of strings", file=str(path), line=n, field="label")
+        out.append(Prediction(rec["prompt"], rec["predict"], label, n))
     if not out:
         raise DataError("no predictions in file", file=str(path))
     return out
@@ -151,9 +169,10 @@ def _draw_layout(rater_ids: list[str], item_ids: list[str], rng: random.Random) 
 def prediction_sets(run_dir: str | Path) -> list[str]:
     """Sets in RUN/eval that have both a base and a tuned predictions file."""
     ev = Path(run_dir) / "eval"
-    base = {p.name[len("predictions-base-"):-len(".jsonl")} for p in ev.glob("predictions-base-*.jsonl")}
-    tuned = {p.name[len("predictions-tuned-"):-len(".jsonl")} for p in ev.glob("predictions-tuned-*.jsonl")}
-    return sorted(base & tuned)
+    def sets(model: str) -> set[str]:
+        prefix = f"predictions-{model}-"
+        return {p.name[len(prefix):-len(".jsonl")] for p in ev.glob(f"{prefix}*.jsonl")}
+    return sorted(sets("base") & sets("tuned"))
 
 
 def create_study_from_run(run_dir: str | Path, set_name: str | None, raters: int, out: str | Path,
@@ -169,7 +188,8 @@ def create_study_from_run(run_dir: str | Path, set_name: str | None, raters: int
             raise RunError(f"choose a prompt set; available: {', '.join(sets) or 'none'} "
                            "(run `lorafit eval` to write predictions)", file=str(run_dir / "eval"))
         set_name = sets[0]
-    paths = [run_dir / "eval" / f"predictions-{m}-{set_name}.jsonl" for m in ("base", "tuned")]
+    safe = re.sub(r"[^\w.-]", "_", set_name)  # as `lorafit eval` names the files
+    paths = [run_dir / "eval" / f"predictions-{m}-{safe}.jsonl" for m in ("base", "tuned")]
     for p in paths:
         if not p.is_file():
             raise RunError(f"no predictions for set '{set_name}' (available: {', '.join(sets) or 'none'};"

@@ -9,6 +9,7 @@ import math
 import os
 import random
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,6 +144,15 @@ def check_output_dir(out: Path) -> None:
         raise ConfigError(f"{probe} is not a folder", file=str(out), field="output_dir")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise ConfigError("output folder is not writable", file=str(out), field="output_dir")
+    # os.access only reads mode bits: root passes it even where nothing can be created (/proc, /sys,
+    # read-only mounts), so try for real with a probe file that is removed at once.
+    try:
+        fd, name = tempfile.mkstemp(prefix=".lorafit-probe-", dir=probe)
+    except OSError as e:
+        raise ConfigError(f"output folder cannot be created in {probe} ({e.strerror})", file=str(out),
+                          field="output_dir") from None
+    os.close(fd)
+    os.unlink(name)
 
 
 # ------------------------------------------------------------------------------------------------

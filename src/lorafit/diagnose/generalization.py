@@ -1,0 +1,239 @@
+"""Detectors that read the validation curves and eval metrics: overfitting, plateau, forgetting,
+plus the run-setup checks (truncated examples, no validation at all).
+
+Validation loss is computed on the same fixed examples every time, so its noise is small and a few
+evaluations (3-10) already show a trend; the tests below still use a trend over several points
+(Mann-Kendall, regression slope with its standard error), never one comparison.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from .findings import Finding
+from .patches import DEFAULTS, round_sig
+from .records import RunSeries
+from .stats import mann_kendall, ols_slope, t_quantile
+
+OVERFIT_RISE = 0.02        # validation loss 2% above its best ...
+OVERFIT_CLEAR_RISE = 0.05  # (5% is enough on its own, even from one evaluation after the best)
+OVERFIT_CRITICAL = 0.10
+PLATEAU_REL = 0.01         # less than 1% improvement over the final stretch ...
+PLATEAU_BOUND = 0.03       # ... and confidently less than 3% (regression slope's 90% upper bound)
+PLATEAU_SPAN = 0.25        # the stretch covers at least a quarter of the evaluated steps
+FORGET_LOSS = 0.05         # general-domain loss up 5% (perplexity up ~5%+): warning
+FORGET_CRITICAL = 0.15
+FORGET_ROUGE_POINTS = 2.0  # general-domain ROUGE-L down 2 points (and 5% relative)
+
+
+def _epoch_at(s: RunSeries, step: float) -> float | None:
+    if s.epoch is None or not len(s.steps):
+        return None
+    return float(np.interp(step, s.steps, s.epoch))
+
+
+def _gap_width(s: RunSeries) -> int:
+    return max(s.logging_steps, s.eval_steps // 2 or 1)
+
+
+def detect_overfitting(s: RunSeries) -> list[Finding]:
+    """Validation loss rising from its best while the training loss keeps falling (per split)."""
+    out = []
+    for split in s.validation_splits():
+        st, y = s.evals[split]
+        if len(y) < 3:
+            continue
+        b = int(np.argmin(y))
+        after = y[b + 1:]
+        if not len(after):
+            continue
+        rise = float(y[-1] / y[b] - 1)
+        _, z = mann_kendall(y[b:])
+        trend = z >= 1.64 or (len(after) >= 2 and bool(np.all(after >= y[b] * (1 + OVERFIT_RISE / 2))))
+        if not (rise >= OVERFIT_CLEAR_RISE or (rise >= OVERFIT_RISE and trend)):
+            continue
+        tb, te = s.train_level_at(st[b], _gap_width(s)), s.train_level_at(st[-1], _gap_width(s))
+        if tb is not None and te is not None and te > tb * 1.05:
+            continue  # train loss rising too: instability, reported as divergence, not overfitting
+        best_step = int(st[b])
+        ev: dict[str, Any] = {"split": split, "best_step": best_step, "best_eval_loss": float(y[b]),
+                              "final_eval_loss": float(y[-1]), "rise_from_best": rise, "trend_z": z,
+                              "evals_after_best": len(after)}
+        if tb is not None and te is not None:
+            ev.update(train_loss_at_best=tb, train_loss_final=te, gap_at_best=float(y[b] / tb),
+                      gap_final=float(y[-1] / te))
+        epoch = _epoch_at(s, best_step)
+        patch: dict[str, Any] = {"early_stopping_patience": 3}
+        if epoch:
+            ev["epoch_at_best"] = epoch
+            patch["num_epochs"] = max(0.1, math.ceil(epoch * 10) / 10)
+        else:
+            patch["max_steps"] = best_step
+        patch["lora_dropout"] = round(min(0.3, float(s.config.get("lora_dropout", DEFAULTS["lora_dropout"])) + 0.05), 3)
+        if not s.config.get("weight_decay"):
+            patch["weight_decay"] = 0.01
+        if not s.config.get("augment"):
+            patch["augment"] = ["prompt_variants", "word_dropout"]
+        gap = f"; the train/validation gap grew from {ev['gap_at_best']:.2f}x to {ev['gap_final']:.2f}x" if "gap_final" in ev else ""
+        out.append(Finding(
+            "overfitting", "critical" if rise >= OVERFIT_CRITICAL else "warning",
+            f"'{split}' loss best at step {best_step} ({y[b]:.3f}), then rose {100 * rise:.1f}% to {y[-1]:.3f}",
+            "The model keeps lowering its training loss by memorising the training examples while getting "
+            f"worse on unseen ones{gap}. Everything after step {best_step} made the adapter worse.",
+            f"Stop at the best step (early_stopping_patience restores it; or train {patch.get('num_epochs', best_step)} "
+            f"{'epochs' if 'num_epochs' in patch else 'steps'}), add data or augmentation, and regularise "
+            "(lora_dropout, weight_decay).",
+            steps=[best_step, int(st[-1])], evidence=ev, config_patch=patch))
+    return out
+
+
+def detect_plateau(s: RunSeries, skip: set[str]) -> list[Finding]:
+    """Validation loss that was falling and no longer is, over a final stretch of evaluations."""
+    out = []
+    for split in s.validation_splits():
+        if split in skip:
+            continue
+        st, y = s.evals[split]
+        n = len(y)
+        if n < 4:
+            continue
+        px = s.progress(st)   # judged in LR-integral units: flattening as the LR anneals is expected
+        flat = [c for c in range(n - 3) if _is_flat(px[c:], y[c:])]
+        if not flat:   # the longest final stretch (>= 4 evaluations) whose fitted trend is flat
+            continue
+        j = flat[0]
+        if px[-1] - px[j] < PLATEAU_SPAN * (px[-1] - px[0]):
+            continue
+        before = float(y[:j + 1].max() / y[j] - 1)
+        imp, bound = _improvement(px[j:], y[j:])
+        # A plateau is a change of slope: it fell before and stopped. A curve that never fell (flat loss,
+        # lr_too_low) or falls slowly at one steady rate is not one.
+        if before < PLATEAU_REL or imp / (px[-1] - px[j]) > 0.25 * before / max(px[j] - px[0], 1e-9):
+            continue
+        width = _gap_width(s)
+        t0, t1 = s.train_level_at(st[j], width), s.train_level_at(st[-1], width)
+        train_change = None if t0 is None or t1 is None else t1 / t0 - 1
+        ev = {"split": split, "since_step": int(st[j]), "evals_in_plateau": n - j, "improvement": imp,
+              "improvement_upper_bound": bound, "improvement_before": before, "train_change": train_change}
+        share = px[-1] - px[j]
+        patch: dict[str, Any] = {}
+        if train_change is not None and train_change <= -0.05:
+            why = ("while the training loss still fell by {:.0f}%: the adapter is fitting the training examples "
+                   "without generalising further (the step before overfitting).").format(-100 * train_change)
+            fix = "Regularise (lora_dropout, weight_decay) and add more or more varied data (augment)."
+            patch["lora_dropout"] = round(min(0.3, float(s.config.get("lora_dropout", 0.1)) + 0.05), 3)
+            if not s.config.get("weight_decay"):
+                patch["weight_decay"] = 0.01
+            if not s.config.get("augment"):
+                patch["augment"] = ["prompt_variants", "word_dropout"]
+        else:
+            why = "and the training loss is flat as well: the optimiser has stopped making progress."
+            lr = s.peak_lr
+            fix = "Training longer will not help; stop at the plateau"
+            if lr is not None and lr <= 1e-4:
+                patch["learning_rate"] = round_sig(lr * 2)
+                fix += f", or try a higher learning rate ({patch['learning_rate']:g})"
+            fix += "; more data (or a larger lora_rank) is what raises the ceiling."
+            epoch = _epoch_at(s, st[j])
+            if epoch:
+                patch["num_epochs"] = max(0.1, math.ceil(epoch * 10) / 10)
+        out.append(Finding(
+            "plateau", "warning",
+            f"'{split}' loss flat since step {int(st[j])} (improved {100 * imp:.1f}% over the last {n - j} evaluations)",
+            f"Validation loss improved by {100 * before:.1f}% before step {int(st[j])} but by less than "
+            f"{100 * PLATEAU_REL:g}% since (90% upper bound {100 * bound:.1f}%), over the last {100 * share:.0f}% of "
+            "the training progress (learning-rate integral), " + why,
+            fix, steps=[int(st[j]), int(st[-1])], evidence=ev, config_patch=patch))
+    return out
+
+
+def _is_flat(st: np.ndarray, y: np.ndarray) -> bool:
+    imp, bound = _improvement(st, y)
+    return imp < PLATEAU_REL and bound < PLATEAU_BOUND and imp > -OVERFIT_RISE
+
+
+def _improvement(st: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """Relative improvement over the stretch by the fitted line, and its one-sided 90% upper bound."""
+    b, se = ols_slope(st, y / np.mean(y))
+    span = float(st[-1] - st[0])
+    imp = -b * span
+    bound = imp + t_quantile(0.90, len(y) - 2) * se * span if math.isfinite(se) else math.inf
+    return imp, bound
+
+
+def detect_forgetting(s: RunSeries, metrics: dict[str, Any] | None) -> Finding | None:
+    """General-domain loss (or ROUGE) worse after tuning than before, beyond a threshold."""
+    ev: dict[str, Any] = {}
+    rises = []
+    if "general" in s.evals and len(s.evals["general"][1]) >= 2:
+        st, y = s.evals["general"]
+        rises.append(float(y[-1] / y[0] - 1))
+        ev.update(general_loss_first=float(y[0]), general_loss_last=float(y[-1]), first_general_eval_step=int(st[0]),
+                  general_loss_rise=rises[-1])
+    g = ((metrics or {}).get("sets") or {}).get("general") if isinstance(metrics, dict) else None
+    rouge_drop = 0.0
+    if isinstance(g, dict):
+        lb, la = g.get("loss_before"), g.get("loss_after")
+        if isinstance(lb, (int, float)) and isinstance(la, (int, float)) and lb > 0:
+            rises.append(float(la / lb - 1))
+            ev.update(metrics_loss_before=lb, metrics_loss_after=la, metrics_loss_rise=rises[-1])
+        before, delta = g.get("before") or {}, g.get("delta") or {}
+        rb, rd = before.get("rouge-l"), delta.get("rouge-l")
+        if isinstance(rb, (int, float)) and isinstance(rd, (int, float)):
+            scale = 1.0 if abs(rb) > 1.5 else 100.0   # llamafactory mode reports percent, standard 0-1
+            if -rd * scale >= FORGET_ROUGE_POINTS and rb and -rd / rb >= 0.05:
+                rouge_drop = -rd * scale
+            ev.update(rouge_l_before=rb * scale, rouge_l_delta=rd * scale)
+    worst = max(rises, default=0.0)
+    if worst < FORGET_LOSS and not rouge_drop:
+        return None
+    lr = s.peak_lr or DEFAULTS["learning_rate"]
+    patch: dict[str, Any] = {}
+    general_data = s.config.get("general_data") or []
+    if general_data:
+        patch["general_ratio"] = max(0.2, float(s.config.get("general_ratio") or 0))
+    if lr > 1e-5:
+        patch["learning_rate"] = 1e-5
+    epochs = s.config.get("num_epochs")
+    if isinstance(epochs, (int, float)) and epochs > 1:
+        patch["num_epochs"] = max(1, int(epochs) // 2)
+    mix = ("raise general_ratio to 0.2" if general_data else
+           "add general-domain examples to the training mix (general_data: [a general instruction file], "
+           "general_ratio: 0.2)")
+    what = f"general-domain loss up {100 * worst:.1f}%" if worst >= FORGET_LOSS else ""
+    if rouge_drop:
+        what += ("; " if what else "") + f"general-domain ROUGE-L down {rouge_drop:.1f} points"
+    return Finding(
+        "forgetting", "critical" if worst >= FORGET_CRITICAL or rouge_drop >= 5 else "warning", what,
+        "The adapter improved the target domain at the expense of general ability (catastrophic "
+        "forgetting): large, many or domain-only updates overwrite what the base model knew.",
+        f"Mix general-domain data into training ({mix}), lower the learning rate to 1e-5 and train fewer epochs.",
+        steps=[int(s.evals['general'][0][-1])] if "general" in s.evals else [], evidence=ev, config_patch=patch)
+
+
+def detect_setup(s: RunSeries) -> list[Finding]:
+    """Run-setup observations: truncated examples, no validation set."""
+    out = []
+    start = next((e for e in s.events if e.get("event") == "start"), {})
+    trunc = start.get("truncated_examples")
+    total = next((start.get(k) for k in ("train_examples", "examples", "n_train", "num_examples")
+                  if isinstance(start.get(k), (int, float))), None)
+    if isinstance(trunc, (int, float)) and trunc > 0:
+        share = trunc / total if total else None
+        ml = int(s.config.get("max_length") or 1024)
+        out.append(Finding(
+            "truncation", "warning" if share is not None and share >= 0.10 else "info",
+            f"{int(trunc)} training examples truncated" + (f" ({100 * share:.0f}%)" if share is not None else ""),
+            f"Examples longer than max_length ({ml}) lose their end; the model learns cut-off answers.",
+            f"Raise max_length (e.g. {min(8192, ml * 2)}) if memory allows.",
+            evidence={"truncated_examples": int(trunc), "train_examples": total, "max_length": ml},
+            config_patch={"max_length": min(8192, ml * 2)}))
+    if not s.validation_splits() and len(s.steps):
+        out.append(Finding(
+            "no_validation", "info", "no validation loss logged",
+            "Without a validation curve, overfitting and plateaus cannot be seen.",
+            "Hold out 10% of the data (val_size: 0.1) or name validation sets (val_data).",
+            config_patch={} if s.config.get("val_data") else {"val_size": 0.1}))
+    return out

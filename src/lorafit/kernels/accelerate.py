@@ -1,0 +1,133 @@
+"""Turning the fused paths on for a PEFT LoRA model, off again, and computing its training loss.
+
+    model = accelerate_model(get_peft_model(base, lora_config))   # swaps modules in place
+    loss = causal_lm_loss(model, batch)      # fused linear cross-entropy when enabled
+    model.save_pretrained(out)               # same adapter files as without acceleration
+    restore_model(model)                     # the original modules back (e.g. before generation)
+
+Nothing is patched at import time and no library code changes: `accelerate_model` replaces module
+instances inside this one model, and each replacement falls back to the original forward where it
+cannot match it. Unsupported architectures are left as they are.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from .cross_entropy import fused_causal_lm_loss
+from .modules import FusedAttention, FusedMLP, FusedRMSNorm
+
+__all__ = ["Acceleration", "accelerate_model", "restore_model", "causal_lm_loss"]
+
+ATTENTION = ("LlamaAttention", "Qwen2Attention", "MistralAttention")
+MLP = ("LlamaMLP", "Qwen2MLP", "MistralMLP")
+NORM = ("LlamaRMSNorm", "Qwen2RMSNorm", "MistralRMSNorm")
+_FUSED = (FusedAttention, FusedMLP, FusedRMSNorm)
+
+
+@dataclass(frozen=True)
+class Acceleration:
+    """Which fused paths a model runs; stored on the *ForCausalLM as `lorafit_acceleration`."""
+
+    fused_lora: bool = True
+    fused_norm: bool = True
+    fused_rope: bool = True
+    fused_swiglu: bool = True
+    fused_ce: bool = True
+    varlen_attention: bool = True
+    shared_dropout: bool = True
+    ce_chunk: int | None = None
+    swapped: int = 0
+
+
+def _causal_lm(model: nn.Module) -> nn.Module:
+    """The *ForCausalLM inside a PeftModel (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _layers(causal: nn.Module) -> list[nn.Module]:
+    decoder = getattr(causal, "model", None)
+    return list(getattr(decoder, "layers", [])) if decoder is not None else []
+
+
+def accelerate_model(model: nn.Module, *, fused_lora: bool = True, fused_norm: bool = True, fused_rope: bool = True,
+                     fused_swiglu: bool = True, fused_ce: bool = True, varlen_attention: bool = True,
+                     shared_dropout: bool = True, ce_chunk: int | None = None) -> nn.Module:
+    """Swap the decoder's attention, MLP and norms of `model` (PeftModel or *ForCausalLM) for fused ones.
+
+    fused_lora: one pass over each shared input for its LoRA projections, in the model dtype.
+    fused_norm / fused_rope / fused_swiglu: Triton kernels (torch reference on CPU).
+    fused_ce: `causal_lm_loss` computes the loss chunk by chunk without full logits.
+    varlen_attention: packed batches (`pack_batch`) attend per example through flash varlen.
+    shared_dropout: the projections of one input share one LoRA dropout mask (False: PEFT's
+        independent masks, one group per projection).
+    Calling it again re-applies from the original modules with the new flags. Returns `model`.
+    """
+    restore_model(model)
+    causal = _causal_lm(model)
+    swapped = 0
+    for layer in _layers(causal):
+        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        if type(attn).__name__ in ATTENTION and hasattr(attn, "head_dim"):
+            layer.self_attn = FusedAttention(attn, fused_lora=fused_lora, fused_rope=fused_rope,
+                                             varlen=varlen_attention, shared_dropout=shared_dropout)
+            swapped += 1
+        act = getattr(getattr(mlp, "config", None), "hidden_act", None)
+        if type(mlp).__name__ in MLP and act in ("silu", "swish"):
+            layer.mlp = FusedMLP(mlp, fused_lora=fused_lora, fused_swiglu=fused_swiglu, shared_dropout=shared_dropout)
+            swapped += 1
+        for name in ("input_layernorm", "post_attention_layernorm"):
+            norm = getattr(layer, name, None)
+            if fused_norm and type(norm).__name__ in NORM:
+                setattr(layer, name, FusedRMSNorm(norm))
+                swapped += 1
+    decoder = getattr(causal, "model", None)
+    if fused_norm and type(getattr(decoder, "norm", None)).__name__ in NORM:
+        decoder.norm = FusedRMSNorm(decoder.norm)
+        swapped += 1
+    causal.lorafit_acceleration = Acceleration(fused_lora, fused_norm, fused_rope, fused_swiglu, fused_ce,
+                                               varlen_attention, shared_dropout, ce_chunk, swapped)
+    return model
+
+
+def restore_model(model: nn.Module) -> nn.Module:
+    """Put the original modules back (a no-op on a model that was never accelerated)."""
+    causal = _causal_lm(model)
+    holders = list(_layers(causal)) + [getattr(causal, "model", None)]
+    for holder in holders:
+        if holder is None:
+            continue
+        for name, child in list(holder.named_children()):
+            if isinstance(child, _FUSED):
+                ref = child.reference_module
+                ref.train(child.training)
+                setattr(holder, name, ref)
+    if hasattr(causal, "lorafit_acceleration"):
+        del causal.lorafit_acceleration
+    return model
+
+
+def _plain_head(head: nn.Module | None) -> bool:
+    return type(head) is nn.Linear and head.bias is None
+
+
+def causal_lm_loss(model: nn.Module, batch: Mapping[str, Any],
+                   num_items_in_batch: int | torch.Tensor | None = None) -> torch.Tensor:
+    """The training loss of `batch` (input_ids, labels, and attention_mask or pack_batch's keys).
+
+    With fused cross-entropy on, runs the decoder and `fused_causal_lm_loss` on its last hidden
+    state; otherwise `model(**batch).loss` (HF's loss, the reference). Both never use a KV cache.
+    """
+    causal = _causal_lm(model)
+    acc: Acceleration | None = getattr(causal, "lorafit_acceleration", None)
+    head = causal.get_output_embeddings() if hasattr(causal, "get_output_embeddings") else None
+    extra = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
+    if acc is None or not acc.fused_ce or not _plain_head(head) or "labels" not in batch:
+        return model(**batch, use_cache=False, **extra).loss
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    hidden = causal.model(**inputs, use_cache=False)[0]
+    return fused_causal_lm_loss(hidden, head.weight, batch["labels"], chunk=acc.ce_chunk,
+                                num_items_in_batch=num_items_in_batch)

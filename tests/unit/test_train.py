@@ -1,0 +1,136 @@
+"""End-to-end training on a tiny random Llama (SmolLM2's config family and real tokenizer)."""
+import json
+
+import pytest
+import torch
+
+from lorafit.config import load_config
+from lorafit.demo import write_demo_data
+
+
+@pytest.fixture(scope="module")
+def demo_data(tmp_path_factory):
+    return write_demo_data(tmp_path_factory.mktemp("demo"))
+
+
+def cfg_for(tiny_model_dir, demo_data, out, **kw):
+    train, val = demo_data
+    base = {"model": tiny_model_dir, "data": [str(train)], "val_data": {"support": str(val)}, "output_dir": str(out),
+            "max_steps": 8, "max_length": 96, "eval_steps": 4, "logging_steps": 2, "save_steps": 4,
+            "learning_rate": 1e-3, "lora_dropout": 0.0}
+    base.update(kw)
+    return load_config(None, base)
+
+
+def records(run):
+    return [json.loads(l) for l in (run / "log.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model_dir, demo_data, tmp_path_factory):
+    import lorafit
+
+    out = tmp_path_factory.mktemp("runs") / "run"
+    lorafit.train(cfg_for(tiny_model_dir, demo_data, out, lora_dropout=0.1), progress=False)
+    return out
+
+
+def test_run_folder_contract(trained):
+    for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "config.yaml", "log.jsonl", "loss.png"):
+        assert (trained / name).is_file(), name
+    recs = records(trained)
+    train_recs = [r for r in recs if r["type"] == "train"]
+    assert [r["step"] for r in train_recs] == [2, 4, 6, 8]
+    for r in train_recs:
+        assert {"step", "epoch", "loss", "lr", "grad_norm", "tokens_per_s"} <= set(r) and r["tokens_per_s"] > 0
+    evals = [r for r in recs if r["type"] == "eval"]
+    assert [(r["step"], r["split"]) for r in evals] == [(0, "support"), (4, "support"), (8, "support")]
+    start = recs[0]
+    assert start["event"] == "start" and start["effective_warmup_steps"] == 8  # max(20, 0.8) capped at 8 steps
+    assert "effective_warmup_steps: 8" in (trained / "config.yaml").read_text()
+    assert recs[-1]["event"] == "end"
+
+
+def test_adapter_loads_with_peft_and_changes_outputs(trained, tiny_model_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    ids = torch.tensor([[1, 400, 500, 600, 700]])
+    with torch.no_grad():
+        before = base(ids).logits.clone()
+        tuned = PeftModel.from_pretrained(base, str(trained / "adapter"))
+        after = tuned(ids).logits
+    assert (after - before).abs().max() > 1e-4
+
+
+def test_merge_matches_base_plus_adapter(trained, tmp_path):
+    import lorafit
+    from lorafit.model import load_run_model
+    from transformers import AutoModelForCausalLM
+
+    out = lorafit.merge(trained, tmp_path / "merged")
+    assert list(out.glob("*.safetensors"))
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    model, _ = load_run_model(trained, device="cpu")
+    ids = torch.tensor([[1, 10, 200, 3000, 40000, 5]])
+    with torch.no_grad():
+        assert torch.allclose(merged(ids).logits, model(ids).logits, atol=1e-4)
+
+
+def test_generate_cli(trained, capsys):
+    from lorafit.cli import main
+
+    assert main(["generate", "--run", str(trained), "How do I return a bike?", "--max-new-tokens", "5"]) == 0
+    assert capsys.readouterr().out.strip() != ""
+
+
+def test_seeded_runs_are_identical_and_accumulation_is_exact(tiny_model_dir, demo_data, tmp_path):
+    from lorafit.train import train
+    from safetensors.torch import load_file
+
+    a = train(cfg_for(tiny_model_dir, demo_data, tmp_path / "a", max_steps=3), progress=False).run_dir
+    b = train(cfg_for(tiny_model_dir, demo_data, tmp_path / "b", max_steps=3), progress=False).run_dir
+    c = train(cfg_for(tiny_model_dir, demo_data, tmp_path / "c", max_steps=3, batch_size=1,
+                      gradient_accumulation_steps=2), progress=False).run_dir
+    wa, wb, wc = (load_file(str(r / "adapter" / "adapter_model.safetensors")) for r in (a, b, c))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    # batch 2 x accumulation 1 == batch 1 x accumulation 2: loss is normalised by the window's tokens
+    assert all(torch.allclose(wa[k], wc[k], atol=1e-5) for k in wa)
+
+
+def test_l2_penalty_and_weight_decay_are_different_things(tiny_model_dir, demo_data, tmp_path):
+    from lorafit.train import train
+    from safetensors.torch import load_file
+
+    def norm(run):
+        w = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+        return sum(float((t ** 2).sum()) for k, t in w.items() if "lora_B" in k)
+
+    plain = norm(train(cfg_for(tiny_model_dir, demo_data, tmp_path / "p", max_steps=4), progress=False).run_dir)
+    l2 = norm(train(cfg_for(tiny_model_dir, demo_data, tmp_path / "l2", max_steps=4, l2_penalty=10.0), progress=False).run_dir)
+    wd = norm(train(cfg_for(tiny_model_dir, demo_data, tmp_path / "wd", max_steps=4, weight_decay=50.0), progress=False).run_dir)
+    assert l2 < plain and wd < plain and abs(l2 - wd) > 1e-9
+
+
+def test_early_stopping_restores_best(tiny_model_dir, demo_data, tmp_path):
+    from lorafit.train import train
+
+    # A huge LR makes validation loss worse after the first evaluation -> stop and keep the best adapter.
+    res = train(cfg_for(tiny_model_dir, demo_data, tmp_path / "es", max_steps=40, eval_steps=2, learning_rate=0.05,
+                        early_stopping_patience=2), progress=False)
+    recs = records(res.run_dir)
+    ev = [r for r in recs if r["type"] == "event" and r["event"] == "early_stop"]
+    assert res.stopped_early and ev and ev[0]["step"] < 40
+    assert (res.run_dir / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_general_mixing_logged(tiny_model_dir, demo_data, tmp_path):
+    from lorafit.train import train
+
+    train_file, _ = demo_data
+    res = train(cfg_for(tiny_model_dir, demo_data, tmp_path / "mix", max_steps=1, general_data=[str(train_file)],
+                        general_ratio=0.2, general_eval=str(demo_data[1])), progress=False)
+    start = records(res.run_dir)[0]
+    assert start["general_examples"] == round(start["train_examples"] * 0.2)
+    assert any(r.get("split") == "general" for r in records(res.run_dir))
