@@ -64,6 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     bc.add_argument("--raters", type=int, required=True)
     bc.add_argument("--out", required=True)
     bc.add_argument("--base-url", default="http://127.0.0.1:8765")
+    bc.add_argument("--seed", type=int, default=0, help="layout seed (mixed with a per-study secret salt)")
     bv = bs.add_parser("serve")
     bv.add_argument("db")
     bv.add_argument("--host", default="127.0.0.1")
@@ -101,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `lorafit ... | head`
+        sys.stderr.close()
+        return 0
 
 
 def _run(args: argparse.Namespace, extra: list[str], argv: list[str]) -> int:
@@ -155,14 +159,14 @@ def _blind(args: argparse.Namespace) -> int:
 
     if args.blind_cmd == "create":
         if args.run:
-            info = blind.create_study_from_run(args.run, args.set, raters=args.raters, out=args.out)
+            info = blind.create_study_from_run(args.run, args.set, raters=args.raters, out=args.out, seed=args.seed)
         else:
             if not (args.a and args.b):
                 from .errors import ConfigError
 
                 raise ConfigError("give --a and --b prediction files, or --run (and --set)", field="--a/--b")
-            info = blind.create_study(args.a, args.b, raters=args.raters, out=args.out)
-        print(info.format(args.base_url) if hasattr(info, "format") else info)
+            info = blind.create_study(args.a, args.b, raters=args.raters, out=args.out, seed=args.seed)
+        print(info.format(args.base_url))
     elif args.blind_cmd == "serve":
         blind.serve(args.db, host=args.host, port=args.port)
     elif args.blind_cmd == "results":

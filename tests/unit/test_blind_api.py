@@ -100,6 +100,7 @@ def test_create_rejects_mismatched_files(tmp_path, mutate, needle):
     ('{"prompt": "q"}', "predict", "missing"),
     ('{"prompt": "q", "predict": 3}', "predict", "expected a string"),
     ("[1, 2]", None, "expected a JSON object"),
+    ('{"prompt": "q", "predict": "p", "label": [1]}', "label", "list of strings"),
 ])
 def test_create_names_file_line_and_field_of_a_bad_record(tmp_path, line, field, msg):
     b = tmp_path / "b.jsonl"
@@ -107,6 +108,24 @@ def test_create_names_file_line_and_field_of_a_bad_record(tmp_path, line, field,
     with pytest.raises(DataError, match=msg) as e:
         create_study(write_preds(tmp_path / "a.jsonl", preds("a", 2)), b, 1, tmp_path / "s.db")
     assert (e.value.file, e.value.line, e.value.field) == (str(b), 3, field)
+
+
+def test_create_reads_what_lorafit_eval_writes(tmp_path):
+    """Chat-templated prompts, a list of references as label, a BOM, a set name with a space."""
+    chatml = "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n"
+    run = tmp_path / "run"
+    for model in ("base", "tuned"):
+        rows = [{"prompt": chatml.format(q=f"名字 {i}?"), "predict": f"{model[0]}{i}", "label": ["x", "y"]}
+                for i in range(3)]
+        path = write_preds(run / "eval" / f"predictions-{model}-e2e_test.jsonl", rows)
+        path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    info = create_study_from_run(run, "e2e test", 1, tmp_path / "s.db")
+    assert "admin token: " + info.admin_token in info.format("http://host:9/")
+    assert f"rater 1: http://host:9/r/{info.tokens[0]}" in info.format("http://host:9/")
+    client = TestClient(make_app(info.db))
+    item = client.get(f"/api/rater/items/{item_ids(client, info.tokens[0])[0]}", headers=auth(info.tokens[0]))
+    assert item.json()["prompt"].startswith("[system]\nBe brief.\n\n[user]\n名字 ")
+    assert "<|im_start|>" not in item.text
 
 
 def test_create_refuses_bad_arguments(tmp_path, run_dir, study):

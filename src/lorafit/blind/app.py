@@ -11,6 +11,7 @@ from __future__ import annotations
 import hmac
 import io
 import json
+import re
 import secrets
 import sys
 from importlib import resources
@@ -49,6 +50,22 @@ class RatingIn(BaseModel):
     answer2: AnswerScores
     preference: Literal["1", "2", "tie"]
     comment: str = Field("", max_length=4000)
+
+
+_CHATML_TURN = re.compile(r"<\|im_start\|>(\w+)\n(.*?)(?:<\|im_end\|>|\Z)", re.S)
+
+
+def readable_prompt(prompt: str) -> str:
+    """`lorafit eval` stores the prompt as the model saw it, chat template included. Raters get
+    the turns without the ChatML markup (SmolLM2, Qwen); other formats are shown as they are."""
+    turns = [(role, text.strip()) for role, text in _CHATML_TURN.findall(prompt)]
+    if not turns:
+        return prompt
+    if turns[-1][0] == "assistant" and not turns[-1][1]:
+        turns.pop()  # the generation prompt
+    if len(turns) == 1:
+        return turns[0][1]
+    return "\n\n".join(f"[{role}]\n{text}" for role, text in turns)
 
 
 def _static(name: str) -> str:
@@ -205,7 +222,7 @@ def make_app(db_path: str | Path) -> FastAPI:
             conn.close()
         index = next(k for k, (iid, _) in enumerate(study.layout[rid]) if iid == item_id)
         return {"item_id": item_id, "index": index + 1, "total": len(study.layout[rid]),
-                "prompt": item.prompt,
+                "prompt": readable_prompt(item.prompt),
                 "answers": [{"slot": 1, "text": first}, {"slot": 2, "text": second}],
                 "rating": None if row is None else store.to_slot_space(a_slot, row)}
 
