@@ -32,11 +32,11 @@ def _config(config: TrainConfig | str | Path | dict, overrides: list[str] | dict
 def train(config: TrainConfig | str | Path | dict, overrides: list[str] | dict | None = None, *,
           progress: bool = True, plot: bool = True) -> Any:
     """Train (or resume) a run, then draw its loss curves with the diagnosis marked."""
-    from .train import train as _train
+    from .training import train as _train
 
     cfg = _config(config, overrides)
     result = _train(cfg, progress=progress)
-    from .train.dist import is_main
+    from .training.dist import is_main
 
     if plot and is_main():
         try:

@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from lorafit.train.schedule import lr_at
+from lorafit.training.schedule import lr_at
 
 
 @pytest.mark.parametrize("kind", ["cosine", "linear", "inverse_sqrt", "constant"])

@@ -86,7 +86,7 @@ def test_generate_cli(trained, capsys):
 
 
 def test_seeded_runs_are_identical_and_accumulation_is_exact(tiny_model_dir, demo_data, tmp_path):
-    from lorafit.train import train
+    from lorafit.training import train
     from safetensors.torch import load_file
 
     a = train(cfg_for(tiny_model_dir, demo_data, tmp_path / "a", max_steps=3), progress=False).run_dir
@@ -100,7 +100,7 @@ def test_seeded_runs_are_identical_and_accumulation_is_exact(tiny_model_dir, dem
 
 
 def test_l2_penalty_and_weight_decay_are_different_things(tiny_model_dir, demo_data, tmp_path):
-    from lorafit.train import train
+    from lorafit.training import train
     from safetensors.torch import load_file
 
     def norm(run):
@@ -114,7 +114,7 @@ def test_l2_penalty_and_weight_decay_are_different_things(tiny_model_dir, demo_d
 
 
 def test_early_stopping_restores_best(tiny_model_dir, demo_data, tmp_path):
-    from lorafit.train import train
+    from lorafit.training import train
 
     # A huge LR makes validation loss worse after the first evaluation -> stop and keep the best adapter.
     res = train(cfg_for(tiny_model_dir, demo_data, tmp_path / "es", max_steps=40, eval_steps=2, learning_rate=0.05,
@@ -126,7 +126,7 @@ def test_early_stopping_restores_best(tiny_model_dir, demo_data, tmp_path):
 
 
 def test_general_mixing_logged(tiny_model_dir, demo_data, tmp_path):
-    from lorafit.train import train
+    from lorafit.training import train
 
     train_file, _ = demo_data
     res = train(cfg_for(tiny_model_dir, demo_data, tmp_path / "mix", max_steps=1, general_data=[str(train_file)],

@@ -18,9 +18,10 @@ import torch
 from torch import nn
 
 from .cross_entropy import fused_causal_lm_loss
+from .dropout import DropoutSeed
 from .modules import FusedAttention, FusedMLP, FusedRMSNorm
 
-__all__ = ["Acceleration", "accelerate_model", "restore_model", "causal_lm_loss"]
+__all__ = ["Acceleration", "accelerate_model", "causal_lm_loss", "decoder_forward", "restore_model"]
 
 ATTENTION = ("LlamaAttention", "Qwen2Attention", "MistralAttention")
 MLP = ("LlamaMLP", "Qwen2MLP", "MistralMLP")
@@ -40,6 +41,7 @@ class Acceleration:
     varlen_attention: bool = True
     shared_dropout: bool = True
     ce_chunk: int | None = None
+    seeded_dropout: bool = False
     swapped: int = 0
 
 
@@ -55,7 +57,8 @@ def _layers(causal: nn.Module) -> list[nn.Module]:
 
 def accelerate_model(model: nn.Module, *, fused_lora: bool = True, fused_norm: bool = True, fused_rope: bool = True,
                      fused_swiglu: bool = True, fused_ce: bool = True, varlen_attention: bool = True,
-                     shared_dropout: bool = True, ce_chunk: int | None = None) -> nn.Module:
+                     shared_dropout: bool = True, ce_chunk: int | None = None,
+                     seeded_dropout: bool = False) -> nn.Module:
     """Swap the decoder's attention, MLP and norms of `model` (PeftModel or *ForCausalLM) for fused ones.
 
     fused_lora: one pass over each shared input for its LoRA projections, in the model dtype.
@@ -64,20 +67,30 @@ def accelerate_model(model: nn.Module, *, fused_lora: bool = True, fused_norm: b
     varlen_attention: packed batches (`pack_batch`) attend per example through flash varlen.
     shared_dropout: the projections of one input share one LoRA dropout mask (False: PEFT's
         independent masks, one group per projection).
+    seeded_dropout: draw LoRA dropout masks from a step counter instead of the RNG state
+        (`lorafit.kernels.dropout`), so activation checkpointing can run with
+        preserve_rng_state=False inside a captured CUDA graph; GPU only, saves no masks.
     Calling it again re-applies from the original modules with the new flags. Returns `model`.
     """
     restore_model(model)
     causal = _causal_lm(model)
     swapped = 0
-    for layer in _layers(causal):
+    seed = None
+    if seeded_dropout:
+        seed = DropoutSeed(next(causal.parameters()).device)
+        causal.lorafit_dropout_seed = seed
+        causal.lorafit_seed_hook = causal.model.register_forward_pre_hook(lambda *_: seed.advance())
+    for index, layer in enumerate(_layers(causal)):
         attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
         if type(attn).__name__ in ATTENTION and hasattr(attn, "head_dim"):
             layer.self_attn = FusedAttention(attn, fused_lora=fused_lora, fused_rope=fused_rope,
                                              varlen=varlen_attention, shared_dropout=shared_dropout)
+            layer.self_attn.dropout_seed, layer.self_attn.dropout_site = seed, index
             swapped += 1
         act = getattr(getattr(mlp, "config", None), "hidden_act", None)
         if type(mlp).__name__ in MLP and act in ("silu", "swish"):
             layer.mlp = FusedMLP(mlp, fused_lora=fused_lora, fused_swiglu=fused_swiglu, shared_dropout=shared_dropout)
+            layer.mlp.dropout_seed, layer.mlp.dropout_site = seed, index
             swapped += 1
         for name in ("input_layernorm", "post_attention_layernorm"):
             norm = getattr(layer, name, None)
@@ -89,7 +102,7 @@ def accelerate_model(model: nn.Module, *, fused_lora: bool = True, fused_norm: b
         decoder.norm = FusedRMSNorm(decoder.norm)
         swapped += 1
     causal.lorafit_acceleration = Acceleration(fused_lora, fused_norm, fused_rope, fused_swiglu, fused_ce,
-                                               varlen_attention, shared_dropout, ce_chunk, swapped)
+                                               varlen_attention, shared_dropout, ce_chunk, seeded_dropout, swapped)
     return model
 
 
@@ -105,13 +118,46 @@ def restore_model(model: nn.Module) -> nn.Module:
                 ref = child.reference_module
                 ref.train(child.training)
                 setattr(holder, name, ref)
-    if hasattr(causal, "lorafit_acceleration"):
-        del causal.lorafit_acceleration
+    for name in ("lorafit_acceleration", "lorafit_dropout_seed"):
+        if hasattr(causal, name):
+            delattr(causal, name)
+    if hasattr(causal, "lorafit_seed_hook"):
+        causal.lorafit_seed_hook.remove()
+        del causal.lorafit_seed_hook
     return model
 
 
 def _plain_head(head: nn.Module | None) -> bool:
     return type(head) is nn.Linear and head.bias is None
+
+
+def _all_fused(decoder: nn.Module) -> bool:
+    layers = list(getattr(decoder, "layers", []))
+    return bool(layers) and all(isinstance(getattr(layer, "self_attn", None), FusedAttention) for layer in layers)
+
+
+def decoder_forward(causal: nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                    **attn_kwargs: Any) -> torch.Tensor:
+    """Last hidden state of an accelerated decoder for an unpadded or packed batch.
+
+    What LlamaModel/Qwen2Model.forward computes in training when every attention is fused and the
+    causal (or varlen, via attn_kwargs) structure needs no mask tensor -- without building masks
+    and without the host synchronisations of transformers' packed-sequence detection, so the step
+    can be captured in a CUDA graph. Padded batches (an attention_mask) go through HF's forward.
+    """
+    decoder = causal.model
+    seed = getattr(causal, "lorafit_dropout_seed", None)
+    if seed is not None:  # what the pre-hook on decoder.forward does; this path bypasses that call
+        seed.advance()
+    hidden = decoder.embed_tokens(input_ids)
+    if position_ids is None:
+        position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
+    position_embeddings = decoder.rotary_emb(hidden, position_ids)
+    for layer in decoder.layers[: decoder.config.num_hidden_layers]:
+        hidden = layer(hidden, attention_mask=None, position_ids=position_ids,
+                       position_embeddings=position_embeddings, use_cache=False, **attn_kwargs)
+        hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+    return decoder.norm(hidden)
 
 
 def causal_lm_loss(model: nn.Module, batch: Mapping[str, Any],
@@ -128,6 +174,11 @@ def causal_lm_loss(model: nn.Module, batch: Mapping[str, Any],
     if acc is None or not acc.fused_ce or not _plain_head(head) or "labels" not in batch:
         return model(**batch, use_cache=False, **extra).loss
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    hidden = causal.model(**inputs, use_cache=False)[0]
+    packed = "cu_seq_lens_q" in inputs and acc.varlen_attention and inputs["input_ids"].shape[0] == 1
+    maskless = "attention_mask" not in inputs and ("position_ids" not in inputs or packed)
+    if maskless and _all_fused(causal.model):
+        hidden = decoder_forward(causal, **inputs)
+    else:
+        hidden = causal.model(**inputs, use_cache=False)[0]
     return fused_causal_lm_loss(hidden, head.weight, batch["labels"], chunk=acc.ce_chunk,
                                 num_items_in_batch=num_items_in_batch)

@@ -24,6 +24,8 @@ def varlen_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     bounds = cu_seqlens.tolist()
     outs = []
     for a, b in zip(bounds[:-1], bounds[1:]):
+        if b == a:  # empty slots of a fixed-size cu_seqlens (pack_batch(pad_to_segments=...))
+            continue
         qs, ks, vs = (t[a:b].transpose(0, 1) for t in (q, k, v))
         ks, vs = ks.repeat_interleave(rep, dim=0), vs.repeat_interleave(rep, dim=0)
         outs.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale).transpose(0, 1))

@@ -24,6 +24,9 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from ._triton import use_triton
+from .dropout import seeded_dropout, seeded_dropout_backward_add
+
 __all__ = ["LoraProj", "lora_group", "lora_group_reference"]
 
 
@@ -57,19 +60,22 @@ def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 class _LoraGroupFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, mask: torch.Tensor | None, p: float, scalings: tuple[float, ...],
-                *params: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+                seed: torch.Tensor | None, site: int, *params: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
         k = len(scalings)
         weights, biases, a_s, b_s = params[:k], params[k:2 * k], params[2 * k:3 * k], params[3 * k:]
         lead, dt = x.shape[:-1], x.dtype
         x2 = x.reshape(-1, x.shape[-1])
-        if p > 0 and mask is None:
+        if p > 0 and seed is not None:  # mask from (seed, site): nothing to save, same on recomputation
+            x2 = x2.contiguous()
+            xd, mask = seeded_dropout(x2, seed, site, p), None
+        elif p > 0 and mask is None:
             xd, mask = torch.native_dropout(x2, p, True)
         elif p > 0:
             mask = mask.reshape(x2.shape)
             xd = x2 * mask * (1.0 / (1.0 - p))
         else:
             xd, mask = x2, None
-        a_cat = torch.cat([a.to(dt) for a in a_s])
+        a_cat = torch.cat(a_s).to(dt)
         u = xd @ a_cat.t()
         ranks = [a.shape[0] for a in a_s]
         outs, b_scaled, off = [], [], 0
@@ -80,14 +86,14 @@ class _LoraGroupFn(torch.autograd.Function):
             outs.append(y.view(*lead, y.shape[-1]))
             b_scaled.append(bs)
             off += r
-        ctx.save_for_backward(xd, mask, u, a_cat, *weights, *b_scaled)
-        ctx.meta = (k, p, scalings, ranks, x.shape, [a.dtype for a in a_s], [b.dtype for b in b_s])
+        ctx.save_for_backward(xd, mask, u, a_cat, seed if p > 0 else None, *weights, *b_scaled)
+        ctx.meta = (k, p, scalings, ranks, x.shape, [a.dtype for a in a_s], [b.dtype for b in b_s], site)
         return tuple(outs)
 
     @staticmethod
     def backward(ctx, *dys: torch.Tensor | None):
-        k, p, scalings, ranks, x_shape, a_dtypes, b_dtypes = ctx.meta
-        xd, mask, u, a_cat, *rest = ctx.saved_tensors
+        k, p, scalings, ranks, x_shape, a_dtypes, b_dtypes, site = ctx.meta
+        xd, mask, u, a_cat, seed, *rest = ctx.saved_tensors
         weights, b_scaled = rest[:k], rest[k:]
         n = xd.shape[0]
         need_x = ctx.needs_input_grad[0]
@@ -110,20 +116,25 @@ class _LoraGroupFn(torch.autograd.Function):
         if need_x:
             if dx is None:
                 dx = torch.zeros((n, x_shape[-1]), dtype=xd.dtype, device=xd.device)
-            if mask is None:
+            if seed is not None:
+                seeded_dropout_backward_add(dx, du @ a_cat, seed, site, p)
+            elif mask is None:
                 dx.addmm_(du, a_cat)
             else:
                 dx.addcmul_(du @ a_cat, mask, value=1.0 / (1.0 - p))
             dx = dx.view(x_shape)
-        return (dx, None, None, None, *([None] * (2 * k)), *d_a, *d_b)
+        return (dx, None, None, None, None, None, *([None] * (2 * k)), *d_a, *d_b)
 
 
 def lora_group(x: torch.Tensor, projs: Sequence[LoraProj], dropout: float = 0.0, training: bool = True,
-               mask: torch.Tensor | None = None) -> list[torch.Tensor]:
+               mask: torch.Tensor | None = None,
+               seed: tuple[torch.Tensor, int] | None = None) -> list[torch.Tensor]:
     """y_i = x W_i^T + b_i + s_i D(x) A_i^T B_i^T for every projection, sharing x and one dropout mask.
 
     Projections without an adapter are plain frozen linears. `mask` (bool, shape of x) replaces the
-    random draw, for tests. Works on any device and dtype; on GPU every product hits tensor cores.
+    random draw, for tests. `seed` = (DropoutSeed.value, call site) draws the mask with the seeded
+    Triton dropout instead (see lorafit.kernels.dropout; ignored where Triton cannot run). Works on
+    any device and dtype; on GPU every product hits tensor cores.
     """
     adapted = [i for i, pr in enumerate(projs) if pr.lora_A is not None]
     outs: list[torch.Tensor | None] = [None] * len(projs)
@@ -133,8 +144,9 @@ def lora_group(x: torch.Tensor, projs: Sequence[LoraProj], dropout: float = 0.0,
     if adapted:
         group = [projs[i] for i in adapted]
         p = dropout if training else 0.0
+        seed_t, site = seed if seed is not None and mask is None and use_triton(x) else (None, 0)
         ys = _LoraGroupFn.apply(x, mask if p > 0 else None, p, tuple(float(pr.scaling) for pr in group),
-                                *[pr.weight for pr in group], *[pr.bias for pr in group],
+                                seed_t, site, *[pr.weight for pr in group], *[pr.bias for pr in group],
                                 *[pr.lora_A for pr in group], *[pr.lora_B for pr in group])
         for i, y in zip(adapted, ys):
             outs[i] = y

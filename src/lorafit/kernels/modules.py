@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .attention import varlen_attention
+from .dropout import DropoutSeed
 from .lora import LoraProj, lora_group
 from .rmsnorm import rms_norm
 from .rotary import rope_qk, rope_reference
@@ -53,16 +54,22 @@ def lora_proj(module: nn.Module) -> tuple[LoraProj, float, bool] | None:
     return LoraProj(base.weight, base.bias, a.weight, b.weight, float(module.scaling[name])), p, drop.training
 
 
-def project(x: torch.Tensor, modules: Sequence[nn.Module], fused: bool, shared_dropout: bool) -> list[torch.Tensor]:
-    """Every module applied to x: one fused LoRA group when possible, else each module's own forward."""
+def project(x: torch.Tensor, modules: Sequence[nn.Module], fused: bool, shared_dropout: bool,
+            seed: DropoutSeed | None = None, site: int = 0) -> list[torch.Tensor]:
+    """Every module applied to x: one fused LoRA group when possible, else each module's own forward.
+
+    With a DropoutSeed the masks are seeded (call site `site`, or 8 * site + i per projection when
+    the projections keep independent masks)."""
     specs = [lora_proj(m) for m in modules] if fused else [None]
     if any(s is None for s in specs):
         return [m(x) for m in modules]
     adapted = {(p, on) for pr, p, on in specs if pr.lora_A is not None}  # type: ignore[misc]
     if shared_dropout and len(adapted) <= 1:
         p, on = adapted.pop() if adapted else (0.0, False)
-        return lora_group(x, [s[0] for s in specs], p, on)  # type: ignore[index]
-    return [lora_group(x, [pr], p, on)[0] for pr, p, on in specs]  # type: ignore[misc]
+        return lora_group(x, [s[0] for s in specs], p, on,  # type: ignore[index]
+                          seed=None if seed is None else (seed.value, site))
+    return [lora_group(x, [pr], p, on, seed=None if seed is None else (seed.value, 8 * site + i))[0]
+            for i, (pr, p, on) in enumerate(specs)]  # type: ignore[misc]
 
 
 def _copy_attrs(dst: nn.Module, src: nn.Module, names: Sequence[str]) -> None:
@@ -73,6 +80,9 @@ def _copy_attrs(dst: nn.Module, src: nn.Module, names: Sequence[str]) -> None:
 
 class _Fused(nn.Module):
     """Keeps the original module out of the module tree (no duplicate state_dict keys)."""
+
+    dropout_seed: DropoutSeed | None = None  # set by accelerate_model(seeded_dropout=True)
+    dropout_site: int = 0
 
     def _keep_reference(self, orig: nn.Module) -> None:
         object.__setattr__(self, "reference_module", orig)
@@ -112,7 +122,8 @@ class FusedAttention(_Fused):
             return self._reference_forward(hidden_states, position_embeddings=position_embeddings,
                                            attention_mask=attention_mask, **kwargs)
         b, s, _ = hidden_states.shape
-        q, k, v = project(hidden_states, (self.q_proj, self.k_proj, self.v_proj), self.fused_lora, self.shared_dropout)
+        q, k, v = project(hidden_states, (self.q_proj, self.k_proj, self.v_proj), self.fused_lora,
+                          self.shared_dropout, self.dropout_seed, 4 * self.dropout_site)
         q, k, v = (t.view(b, s, -1, self.head_dim) for t in (q, k, v))
         cos, sin = position_embeddings
         if self.fused_rope:
@@ -130,7 +141,8 @@ class FusedAttention(_Fused):
                           dropout=self.attention_dropout if self.training else 0.0, scaling=self.scaling,
                           **extra, **rest)
         o = o.reshape(b, s, -1)
-        return project(o, (self.o_proj,), self.fused_lora, self.shared_dropout)[0], None
+        return project(o, (self.o_proj,), self.fused_lora, self.shared_dropout, self.dropout_seed,
+                       4 * self.dropout_site + 1)[0], None
 
 
 class FusedMLP(_Fused):
@@ -144,9 +156,11 @@ class FusedMLP(_Fused):
         self._keep_reference(orig)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        g, u = project(x, (self.gate_proj, self.up_proj), self.fused_lora, self.shared_dropout)
+        g, u = project(x, (self.gate_proj, self.up_proj), self.fused_lora, self.shared_dropout, self.dropout_seed,
+                       4 * self.dropout_site + 2)
         a = swiglu(g, u) if self.fused_swiglu else swiglu_reference(g, u)
-        return project(a, (self.down_proj,), self.fused_lora, self.shared_dropout)[0]
+        return project(a, (self.down_proj,), self.fused_lora, self.shared_dropout, self.dropout_seed,
+                       4 * self.dropout_site + 3)[0]
 
 
 class FusedRMSNorm(_Fused):

@@ -22,11 +22,24 @@ __all__ = ["pack_batch", "pad_batch", "plan_packs"]
 IGNORE_INDEX = -100
 
 
-def pack_batch(list_of_ids: Sequence[Sequence[int]],
-               list_of_labels: Sequence[Sequence[int]]) -> dict[str, torch.Tensor | int]:
-    """One row holding every example; see the module docstring for the keys."""
+def pack_batch(list_of_ids: Sequence[Sequence[int]], list_of_labels: Sequence[Sequence[int]], *,
+               pad_to_tokens: int | None = None, pad_to_segments: int | None = None,
+               pad_id: int = 0) -> dict[str, torch.Tensor | int]:
+    """One row holding every example; see the module docstring for the keys.
+
+    For a fixed shape (a CUDA-graph step), `pad_to_tokens` appends one filler example of `pad_id`
+    tokens without labels up to that length, and `pad_to_segments` repeats the last boundary so
+    cu_seq_lens has pad_to_segments + 1 entries (empty examples); max_length is then pad_to_tokens.
+    """
     if not list_of_ids:
         raise ValueError("pack_batch needs at least one example")
+    if pad_to_tokens is not None:
+        filler = pad_to_tokens - sum(len(x) for x in list_of_ids)
+        if filler < 0:
+            raise ValueError(f"examples hold {pad_to_tokens - filler} tokens, more than pad_to_tokens={pad_to_tokens}")
+        if filler:
+            list_of_ids = [*list_of_ids, [pad_id] * filler]
+            list_of_labels = [*list_of_labels, [IGNORE_INDEX] * filler]
     ids: list[int] = []
     labels: list[int] = []
     positions: list[int] = []
@@ -39,8 +52,12 @@ def pack_batch(list_of_ids: Sequence[Sequence[int]],
         labels.extend(lab[1:])
         positions.extend(range(len(seq)))
         bounds.append(bounds[-1] + len(seq))
+    if pad_to_segments is not None:
+        if len(bounds) - 1 > pad_to_segments:
+            raise ValueError(f"{len(bounds) - 1} examples, more than pad_to_segments={pad_to_segments}")
+        bounds += [bounds[-1]] * (pad_to_segments + 1 - len(bounds))
     cu = torch.tensor(bounds, dtype=torch.int32)
-    longest = int(max(b - a for a, b in zip(bounds[:-1], bounds[1:])))
+    longest = pad_to_tokens or int(max(b - a for a, b in zip(bounds[:-1], bounds[1:])))
     return {
         "input_ids": torch.tensor([ids], dtype=torch.long),
         "labels": torch.tensor([labels], dtype=torch.long),

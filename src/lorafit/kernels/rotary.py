@@ -31,19 +31,18 @@ def rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tor
 if triton is not None:
 
     @triton.jit
-    def _rope_kernel(X, COS, SIN, Y, stride_xt, stride_xh, stride_yt, stride_yh, H, D_HALF,
+    def _rope_kernel(X, COS, SIN, Y, stride_xt, stride_xh, stride_yt, stride_yh, stride_cb, stride_cs, S, H, D_HALF,
                      BACKWARD: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
         t = tl.program_id(0).to(tl.int64)
         h = tl.arange(0, BLOCK_H)[:, None]
         d = tl.arange(0, BLOCK_D)[None, :]
         dmask = d < D_HALF
         mask = (h < H) & dmask
-        cs = COS + t * 2 * D_HALF + d
-        sn = SIN + t * 2 * D_HALF + d
-        c1 = tl.load(cs, mask=dmask, other=0.0).to(tl.float32)
-        c2 = tl.load(cs + D_HALF, mask=dmask, other=0.0).to(tl.float32)
-        s1 = tl.load(sn, mask=dmask, other=0.0).to(tl.float32)
-        s2 = tl.load(sn + D_HALF, mask=dmask, other=0.0).to(tl.float32)
+        row = (t // S) * stride_cb + (t % S) * stride_cs  # cos/sin may broadcast over the batch
+        c1 = tl.load(COS + row + d, mask=dmask, other=0.0).to(tl.float32)
+        c2 = tl.load(COS + row + D_HALF + d, mask=dmask, other=0.0).to(tl.float32)
+        s1 = tl.load(SIN + row + d, mask=dmask, other=0.0).to(tl.float32)
+        s2 = tl.load(SIN + row + D_HALF + d, mask=dmask, other=0.0).to(tl.float32)
         xp = X + t * stride_xt + h * stride_xh + d
         x1 = tl.load(xp, mask=mask, other=0.0).to(tl.float32)
         x2 = tl.load(xp + D_HALF, mask=mask, other=0.0).to(tl.float32)
@@ -64,8 +63,9 @@ def _launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: boo
     if x3.stride(-1) != 1:
         x3 = x3.contiguous()
     y = torch.empty((b * s, h, d), dtype=x.dtype, device=x.device)
-    _rope_kernel[(b * s,)](x3, cos, sin, y, x3.stride(0), x3.stride(1), y.stride(0), y.stride(1), h, d // 2,
-                           BACKWARD=backward, BLOCK_H=triton.next_power_of_2(h),
+    stride_cb = 0 if cos.shape[0] == 1 else cos.stride(0)
+    _rope_kernel[(b * s,)](x3, cos, sin, y, x3.stride(0), x3.stride(1), y.stride(0), y.stride(1), stride_cb,
+                           cos.stride(1), s, h, d // 2, BACKWARD=backward, BLOCK_H=triton.next_power_of_2(h),
                            BLOCK_D=triton.next_power_of_2(d // 2), num_warps=4)
     return y.view(b, s, h, d)
 
@@ -82,23 +82,20 @@ class _RopeFn(torch.autograd.Function):
         return _launch(dy, cos, sin, backward=True), None, None
 
 
-def _flat(cs: torch.Tensor, b: int, s: int, d: int) -> torch.Tensor:
-    return cs.expand(b, s, d).reshape(b * s, d).contiguous()
+def _ok(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+    """Kernel layout: even head_dim, cos/sin (1 or batch, seq, head_dim) with unit last stride, alike."""
+    return (use_triton(x) and x.shape[-1] % 2 == 0 and cos.dim() == 3 and cos.stride(-1) == 1
+            and cos.shape[0] in (1, x.shape[0]) and cos.stride() == sin.stride())
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (batch, seq, heads, head_dim) by cos/sin (batch or 1, seq, head_dim)."""
+    if not _ok(x, cos, sin):
+        return rope_reference(x, cos, sin)
+    return _RopeFn.apply(x, cos, sin)
 
 
 def rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
             sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate q and k (batch, seq, heads, head_dim) by cos/sin (batch or 1, seq, head_dim)."""
-    if not use_triton(q) or q.shape[-1] % 2:
-        return rope_reference(q, cos, sin), rope_reference(k, cos, sin)
-    b, s, _, d = q.shape
-    cos, sin = _flat(cos, b, s, d), _flat(sin, b, s, d)
-    return _RopeFn.apply(q, cos, sin), _RopeFn.apply(k, cos, sin)
-
-
-def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate one tensor (batch, seq, heads, head_dim) by cos/sin (batch or 1, seq, head_dim)."""
-    if not use_triton(x) or x.shape[-1] % 2:
-        return rope_reference(x, cos, sin)
-    b, s, _, d = x.shape
-    return _RopeFn.apply(x, _flat(cos, b, s, d), _flat(sin, b, s, d))
+    """Rotate q and k alike (the attention module's call)."""
+    return rope(q, cos, sin), rope(k, cos, sin)

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..errors import TrainingError
+
 MANIFEST = "manifest.json"
 PREFIX = "step-"
 
@@ -72,14 +74,18 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def save_checkpoint(ckpt_root: Path, step: int, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     state: dict[str, Any], keep: int) -> Path:
-    """Write checkpoint `step-N` atomically and prune to the last `keep`."""
+    """Write checkpoint `step-N` atomically and prune to the last `keep`; never a non-finite weight."""
+    weights = trainable_state(model)
+    bad = next((n for n, t in weights.items() if not torch.isfinite(t).all()), None)
+    if bad is not None:
+        raise TrainingError(f"non-finite values in adapter weight {bad}; refusing to save checkpoint step-{step}")
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"{PREFIX}{step}"
+    for stale in ckpt_root.glob(f".tmp-{PREFIX}*"):  # left by a process killed mid-write (one writer: rank 0)
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = ckpt_root / f".tmp-{PREFIX}{step}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
     tmp.mkdir()
-    save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+    save_file(weights, str(tmp / "trainable.safetensors"))
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(rng_state(), tmp / "rng.pt")
     (tmp / "state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")

@@ -64,8 +64,14 @@ class Stream:
         return sum(sum(1 for l in self.enc.labels[i][1:] if l != -100) for i in self.indices(k))
 
 
-def loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, int]:
+def loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor], device: torch.device,
+             fused: bool = False) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy over supervised tokens (callers normalise), and token count."""
+    if fused:  # chunked fused cross-entropy: never materialises full float32 logits
+        from ..kernels import causal_lm_loss
+
+        b = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        return causal_lm_loss(model, b, num_items_in_batch=1), int((b["labels"][:, 1:] != -100).sum())
     ids = batch["input_ids"].to(device)
     labels = batch["labels"].to(device)
     logits = model(input_ids=ids, attention_mask=batch["attention_mask"].to(device)).logits
@@ -102,7 +108,8 @@ class JsonlLog:
         lines = path.read_text(encoding="utf-8").splitlines(keepends=True) if path.exists() else []
         if keep_lines is not None:
             lines = lines[:keep_lines]
-            path.write_text("".join(lines), encoding="utf-8")
+            if dist.is_main():  # one writer, atomic: a kill here must not lose the lines before the checkpoint
+                C.atomic_write_text(path, "".join(lines))
         self.lines = len(lines)
         self.enabled = dist.is_main()
         self.f = open(path, "a", encoding="utf-8") if self.enabled else None
@@ -261,7 +268,9 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
 
         bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
     model.train()
-    acc_loss, acc_steps, acc_tokens, t_last = 0.0, 0, 0, time.perf_counter()
+    # The running loss of the current logging window is checkpointed, so a resume logs the same mean.
+    acc_loss, acc_steps = state.get("acc_loss", 0.0), state.get("acc_steps", 0)
+    acc_tokens, t_last = 0, time.perf_counter()
     step = start
     for step in range(start, total):
         lr = lr_at(step, peak=cfg.learning_rate, warmup=cfg.effective_warmup_steps, total=total,
@@ -275,7 +284,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
         for j, k in enumerate(mine):
             batch = stream.batch(k)
             with dist.no_sync(model, last=j == len(mine) - 1):
-                lsum, _ = loss_sum(model, batch, device)
+                lsum, _ = loss_sum(model, batch, device, cfg.fused_kernels)
                 loss = lsum * (ws / max(denom, 1))
                 if cfg.l2_penalty and j == len(mine) - 1:
                     # Classic L2: a penalty term in the loss (unlike AdamW's decoupled decay).
@@ -320,7 +329,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
         if bar is not None:
             bar.update(1)
         if (done % cfg.save_steps == 0 and done < total) or stop:
-            state.update(step=done)
+            state.update(step=done, acc_loss=acc_loss, acc_steps=acc_steps)
             logf.sync()
             state["log_lines"] = logf.lines
             if dist.is_main():
