@@ -17,7 +17,7 @@ import shutil
 import time
 from pathlib import Path
 
-import lorafit
+from lorafit import api as lorafit  # the API functions (lorafit.evaluate etc. are also subpackages)
 from lorafit.model import builtin_model_path
 
 HERE = Path(__file__).resolve().parent
@@ -26,7 +26,7 @@ HERE = Path(__file__).resolve().parent
 def domain_cfg(d: Path) -> dict:
     return {"data": [str(d / "bitext/train.json")],
             "val_data": {"seen": str(d / "bitext/seen.json"), "unseen": str(d / "bitext/unseen.json")},
-            "general_eval": str(d / "general/dolly.json"), "max_length": 512, "eval_steps": 100,
+            "general_eval": str(d / "general/dolly.json"), "max_length": 512, "eval_steps": 25,
             "logging_steps": 10, "save_steps": 500}
 
 
@@ -46,7 +46,7 @@ def experiments(d: Path) -> dict[str, list[tuple[str, dict]]]:
             ("bitext-mix20", {**dom, "general_data": alpaca, "general_ratio": 0.2}),
             ("bitext-mix30", {**dom, "general_data": alpaca, "general_ratio": 0.3}),
             ("bitext-lr1e-5", {**dom, "learning_rate": 1e-5}),
-            ("bitext-earlystop", {**dom, "eval_steps": 50, "early_stopping_patience": 2}),
+            ("bitext-earlystop", {**dom, "eval_steps": 25, "early_stopping_patience": 2}),
         ],
         # 2: Chinese medical QA; general set in Chinese
         "huatuo": [("huatuo", {"data": [str(d / "huatuo/train.json")], "val_data": {"heldout": str(d / "huatuo/heldout.json")},
@@ -110,10 +110,15 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=192)
     ap.add_argument("--only", nargs="*", default=None, help="run only these run names")
     ap.add_argument("--keep-adapter", action="store_true")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="config values for every run (a run's own settings win), e.g. batch_size=8")
     a = ap.parse_args()
     results = Path(a.results)
     results.mkdir(parents=True, exist_ok=True)
     exps = experiments(Path(a.data))
+    import yaml
+
+    common = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in a.set)}
     for exp in a.experiments:
         path = results / f"{exp}.json"
         done = json.loads(path.read_text()) if path.exists() else {}
@@ -121,7 +126,7 @@ def main() -> None:
             if a.only and name not in a.only:
                 continue
             print(f"=== {exp}: {name}", flush=True)
-            done[name] = run_one(name, cfg, model=a.model, device=a.device, results=results,
+            done[name] = run_one(name, {**common, **cfg}, model=a.model, device=a.device, results=results,
                                  eval_samples=a.eval_samples, max_new_tokens=a.max_new_tokens, keep_adapter=a.keep_adapter)
             path.write_text(json.dumps(done, indent=1, ensure_ascii=False))
             print(json.dumps({k: done[name][k] for k in ("steps", "train_seconds", "tokens_per_s", "diagnosis")}), flush=True)
