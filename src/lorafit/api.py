@@ -44,9 +44,12 @@ def train(config: TrainConfig | str | Path | dict, overrides: list[str] | dict |
         except Exception as e:  # a plot must never cost the user a finished run
             log.warning("diagnosis after training failed: %s", e)
             findings = None
-        from .report import plot_loss
+        try:
+            from .report import plot_loss
 
-        plot_loss(result.run_dir, findings)
+            plot_loss(result.run_dir, findings)
+        except Exception as e:  # a plot must never cost the user a finished run
+            log.warning("loss plot failed: %s", e)
     return result
 
 

@@ -119,10 +119,10 @@ def _json_limit(e: Exception) -> str:
 
 
 def _records_csv(path: Path, text: str) -> Iterable[tuple[int, Any]]:
-    reader = csv.DictReader(io.StringIO(text))
-    if not reader.fieldnames:
-        raise DataError("CSV has no header row", file=str(path), line=1)
+    reader = csv.DictReader(io.StringIO(text, newline=""))  # newline="": csv itself splits \r, \n, \r\n
     try:
+        if not reader.fieldnames:
+            raise DataError("CSV has no header row", file=str(path), line=1)
         for row in reader:
             if None in row:
                 raise DataError("row has more fields than the header", file=str(path), line=reader.line_num)

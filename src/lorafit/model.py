@@ -65,11 +65,19 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 
 
+def _pretrained(load: Any, model: str, path: str, **kw: Any) -> Any:
+    """`from_pretrained`, with a model that cannot be fetched (offline, a typo in a hub id) as a ConfigError."""
+    try:
+        return load(path, **kw)
+    except OSError as e:
+        raise ConfigError(f"cannot load model: {str(e).splitlines()[0]}", file=model, field="model") from None
+
+
 def load_tokenizer(model: str) -> Any:
     from transformers import AutoTokenizer
 
     path, kw = _split_source(model)
-    tok = AutoTokenizer.from_pretrained(path, **kw)
+    tok = _pretrained(AutoTokenizer.from_pretrained, model, path, **kw)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -82,7 +90,7 @@ def load_model(model: str, *, device: str = "auto", dtype: str = "auto") -> torc
     path, kw = _split_source(model)
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
-    m = AutoModelForCausalLM.from_pretrained(path, dtype=dt, **kw)
+    m = _pretrained(AutoModelForCausalLM.from_pretrained, model, path, dtype=dt, **kw)
     m.to(dev)
     for p in m.parameters():
         p.requires_grad_(False)

@@ -271,8 +271,6 @@ def test_real_cli_subprocess(tmp_path, args, file, line, field, fragment):
     assert not out.exists()
 
 
-@pytest.mark.xfail(strict=True, reason="model.load_tokenizer/load_model let transformers' OSError through "
-                   "for a hub id that cannot be fetched (offline); see the reliability report's proposed diff")
 def test_unreachable_hub_model(capsys, tmp_path):
     msg = _train(capsys, BAD / "base.yaml", "--model=no-such-org/no-such-model", f"--output_dir={tmp_path / 'out'}")
     _check(msg, "no-such-org/no-such-model", None, "model", "cannot load")
