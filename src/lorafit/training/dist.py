@@ -1,5 +1,5 @@
-"""torch.distributed glue for `torchrun`: DDP when the model fits one device, FSDP2 to shard the
-frozen weights when it does not. Single-process runs use the same code with world size 1."""
+"""torch.distributed glue for `torchrun`: DDP over N processes (NCCL on GPUs, gloo on CPU).
+Single-process runs use the same code with world size 1."""
 from __future__ import annotations
 
 import os
@@ -38,16 +38,8 @@ def barrier() -> None:
 
 
 def wrap(model: torch.nn.Module, strategy: str, device: torch.device) -> torch.nn.Module:
-    """Wrap for data parallelism; 'auto' picks DDP (the model is replicated, adapters are tiny)."""
+    """Wrap for data parallelism: DDP (the frozen model is replicated; only LoRA gradients are reduced)."""
     if world()[2] == 1:
-        return model
-    if strategy == "fsdp":
-        from torch.distributed.fsdp import fully_shard
-
-        layers = [m for m in model.modules() if m.__class__.__name__.endswith("DecoderLayer")]
-        for layer in layers:
-            fully_shard(layer)
-        fully_shard(model)
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -59,8 +51,6 @@ def no_sync(model: torch.nn.Module, last: bool) -> ContextManager[Any]:
     """Skip DDP's gradient all-reduce on all but the last micro-batch of an accumulation window."""
     if not last and hasattr(model, "no_sync"):
         return model.no_sync()
-    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
-        model.set_requires_gradient_sync(last)
     return nullcontext()
 
 

@@ -357,4 +357,5 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
         logf.sync()
     logf.close()
     dist.barrier()
+    dist.cleanup()
     return TrainResult(out, total, last_eval, stopped_early, None if ckpt is None else int(ckpt.name.split("-")[1]))
