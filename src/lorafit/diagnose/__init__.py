@@ -15,13 +15,14 @@ from typing import Any
 
 import yaml
 
+from ..config import load_config, save_config
 from ..errors import RunError
 from .detectors import (detect_divergence, detect_flat_loss, detect_fluctuation, detect_grad_explosion,
                         detect_warmup, early_window_end, find_spikes)
 from .findings import SEVERITIES, Finding, format_findings, sort_findings
 from .generalization import detect_forgetting, detect_overfitting, detect_plateau, detect_setup
 from .patches import merge_patches
-from .records import RunSeries, build_series, read_log
+from .records import build_series, read_log
 
 __all__ = ["Finding", "SEVERITIES", "diagnose_records", "diagnose_run", "format_findings", "merge_patches",
            "read_run", "write_patched_config", "spikes_of"]
@@ -32,29 +33,28 @@ def diagnose_records(records: list[dict[str, Any]], metrics: dict[str, Any] | No
     """All findings for a log's records (most severe first). Pure: reads and writes no files."""
     s = build_series(records, config)
     spikes = find_spikes(s)
-    findings: list[Finding] = []
     warm = detect_warmup(s, spikes)
     early_end = early_window_end(s) if warm is not None and warm.severity != "info" else None
     div = detect_divergence(s, early_end)
-    # A spike is reported once: early ones under a too-short warmup, late ones inside a divergence.
+    diverged = div is not None and "rise_from_best" in div.evidence
+    # One cause, one finding: early spikes belong to a too-short warmup, late ones to a divergence,
+    # and gradient spikes at a loss spike to that spike.
     if early_end is not None:
         spikes = [p for p in spikes if p["step"] > early_end]
-    if div is not None and len(div.steps) >= 2 and "rise_from_best" in div.evidence:
+    if diverged:
         spikes = [p for p in spikes if p["step"] < div.steps[0]]
     L = s.logging_steps
     explained = [(p["step"] - L, p["step"] + L) for p in spikes]
     if early_end is not None:
         explained.append((0, early_end))
-    if div is not None and "rise_from_best" in div.evidence:
+    if diverged:
         explained.append((div.steps[0], float("inf")))
-    for f in (div, warm, detect_fluctuation(s, spikes), detect_grad_explosion(s, explained)):
-        if f is not None:
-            findings.append(f)
-    if div is None or "rise_from_best" not in div.evidence:
-        flat = detect_flat_loss(s)
-        if flat is not None:
-            findings.append(flat)
+    findings = [f for f in (div, warm, detect_fluctuation(s, spikes, judge_noise=not diverged),
+                            detect_grad_explosion(s, explained),
+                            None if diverged else detect_flat_loss(s)) if f is not None]
     over = detect_overfitting(s)
+    if diverged:   # validation rising after the training loss diverged is the divergence, not overfitting
+        over = [f for f in over if f.evidence["best_step"] < div.steps[0] - s.eval_steps]
     findings += over
     findings += detect_plateau(s, {f.evidence["split"] for f in over})
     forget = detect_forgetting(s, metrics)
@@ -113,8 +113,6 @@ def diagnose_run(run_dir: str | Path, write_config: str | Path | None = None) ->
 def write_patched_config(run_dir: str | Path, findings: list[Finding], out: str | Path) -> dict[str, Any]:
     """RUN/config.yaml with every finding's patch applied (merged conservatively), validated and
     saved ready for `lorafit train`. Returns the merged patch."""
-    from ..config import load_config, save_config
-
     cfg_path = Path(run_dir) / "config.yaml"
     if not cfg_path.is_file():
         raise RunError("no config.yaml to patch (a run folder written by `lorafit train` has one)", file=str(cfg_path))

@@ -14,14 +14,15 @@ import numpy as np
 from .findings import Finding
 from .patches import lower_lr, safer_clipping, longer_warmup, round_sig
 from .records import RunSeries
-from .stats import diff_sigma, left_median, right_median, rolling_diff_sigma, rolling_median, odd
+from .stats import curvature_sigma, diff_sigma, left_median, right_median, rolling_diff_sigma, rolling_median, odd
 
 SPIKE_Z = 6.0              # a spike stands this many local noise-sigmas above the curve on both sides
 SPIKE_MIN_RATIO = 1.3      # ... and at least 30% above it: smaller bumps are not worth acting on
 SPIKE_CRITICAL_RATIO = 5.0
 NOISE_STEP_HIGH = 0.25     # per-step relative loss noise above which the curve is called noisy
-PER_EXAMPLE_SPREAD_MAX = 1.0   # implied per-example spread of log-loss that batch sampling can explain
-DIVERGE_FROM_MIN = math.log(2.0)   # sustained loss level doubled from its best
+PER_EXAMPLE_SPREAD_MAX = 1.5   # implied per-example spread of log-loss that batch sampling can explain
+DIVERGE_FROM_MIN = math.log(1.5)   # sustained loss level 50% above its best (and still there) ...
+DIVERGE_RECOVERED = math.log(2.0)  # ... or twice its best, even if it came back down later
 DIVERGE_FROM_START = math.log(1.5)  # or sustained 50% above where training started
 FLAT_DROP = 0.05           # loss fell by less than 5% over the whole run ...
 FLAT_DROP_BOUND = 0.15     # ... and we are confident it fell by less than 15%
@@ -29,7 +30,8 @@ LOW_LR = 5e-5              # below this, a flat LoRA loss is most likely the lea
 GRAD_SPIKE = math.log(10.0)     # a gradient norm 10x its recent median
 GRAD_SUSTAINED = math.log(10.0)  # or a sustained 10x rise of its rolling median
 WARMUP_SHORT_FRAC = 0.02   # warmup shorter than 2% of the run (and than 10 steps) is "short"
-WARMUP_BUMP = math.log(1.15)    # early loss rising 15% above its first logged value
+WARMUP_BUMP = math.log(1.15)    # early loss rising 15% above its first logged value ...
+WARMUP_Z = 4.0                  # ... by 4 noise-sigmas of the difference
 
 
 def spike_window(n: int) -> int:
@@ -38,10 +40,12 @@ def spike_window(n: int) -> int:
 
 
 def find_spikes(s: RunSeries) -> list[dict[str, Any]]:
-    """Loss spikes: records far above the median level both before and after them.
+    """Loss spikes: records far above the local trend and above the level the curve returns to.
 
-    Taking the smaller of the two excesses means a lasting rise (divergence) or a falling trend is
-    not a spike; grouping neighbouring flagged records reports a spike once, at its peak.
+    The trend at a point is the mean of the medians just before and just after it, which cancels a
+    locally linear slope (the steep early descent would otherwise hide spikes); requiring the point to
+    stand above the level after it as well means a lasting rise (divergence) is not a spike. Grouping
+    neighbouring flagged records reports a spike once, at its peak.
     """
     x = np.log(s.loss)
     n = len(x)
@@ -49,8 +53,7 @@ def find_spikes(s: RunSeries) -> list[dict[str, Any]]:
         return []
     h = spike_window(n)
     left, right = left_median(x, h), right_median(x, h)
-    r = x - left
-    r = np.where(np.isfinite(right), np.minimum(r, x - right), r)
+    r = np.where(np.isfinite(right), np.minimum(x - (left + right) / 2, x - right), x - left)
     sig = np.maximum(rolling_diff_sigma(x, 4 * h), max(1e-3, 0.3 * diff_sigma(x)))
     z = r / sig
     flagged = np.flatnonzero(np.isfinite(z) & (z >= SPIKE_Z) & (r >= math.log(SPIKE_MIN_RATIO)))
@@ -67,17 +70,19 @@ def find_spikes(s: RunSeries) -> list[dict[str, Any]]:
     return spikes
 
 
-def detect_fluctuation(s: RunSeries, spikes: list[dict[str, Any]]) -> Finding | None:
-    """Spikes (warning) or, without spikes, a loss noisier than its batch size explains."""
+def detect_fluctuation(s: RunSeries, spikes: list[dict[str, Any]], judge_noise: bool = True) -> Finding | None:
+    """Spikes (warning) or, without spikes, a loss noisier than its batch size explains.
+
+    `judge_noise` is off when a divergence already explains the erratic curve.
+    """
     if len(s.loss) < 8:
         return None
-    noise = diff_sigma(np.log(s.loss))
+    noise = curvature_sigma(np.log(s.loss))
     per_step = noise * math.sqrt(s.logging_steps)   # a logged value averages logging_steps steps
     eps = s.examples_per_step
     spread = per_step * math.sqrt(eps) if eps else None
     evidence: dict[str, Any] = {"noise_per_record": noise, "noise_per_step": per_step,
                                 "examples_per_step": eps, "implied_per_example_spread": spread}
-    lr = s.peak_lr
     if spikes:
         worst = max(spikes, key=lambda p: p["ratio"])
         evidence["spikes"] = [{k: p[k] for k in ("step", "ratio", "z", "loss", "trend")} for p in spikes]
@@ -88,7 +93,7 @@ def detect_fluctuation(s: RunSeries, spikes: list[dict[str, Any]]) -> Finding | 
         return Finding(
             "fluctuation", "critical" if severe else "warning",
             f"{len(spikes)} loss spike{'s' if len(spikes) > 1 else ''}, up to {worst['ratio']:.1f}x the local trend "
-            f"(at step {worst['step']})",
+            f"at step {worst['step']}",
             "The training loss jumped far above the level both before and after "
             f"(robust z >= {SPIKE_Z:g} against the local noise of ±{100 * noise:.0f}% per logged value). "
             "Spikes come from updates that were too large for the loss surface: a high learning rate, "
@@ -96,6 +101,8 @@ def detect_fluctuation(s: RunSeries, spikes: list[dict[str, Any]]) -> Finding | 
             "Lower the learning rate, keep gradient clipping at 1.0, warm up for ~10% of the steps, and "
             "average over more examples per update (gradient_accumulation_steps).",
             steps=[p["step"] for p in spikes], evidence=evidence, config_patch=patch)
+    if not judge_noise:
+        return None
     too_noisy = spread is not None and spread > PER_EXAMPLE_SPREAD_MAX and per_step > NOISE_STEP_HIGH
     if per_step <= NOISE_STEP_HIGH and not too_noisy:
         return None
@@ -124,7 +131,7 @@ def _level(x: np.ndarray) -> tuple[np.ndarray, int]:
     """Sustained loss level: a centred rolling median wide enough that noise and short spikes vanish."""
     n = len(x)
     sig = diff_sigma(x)
-    lo = 9 if n >= 36 else 5
+    lo = max(9, n // 20) if n >= 36 else 5   # longer than any spike's recovery
     w = odd(np.clip((1.25 * sig / 0.05) ** 2, lo, max(lo, n // 4)))
     return rolling_median(x, w // 2, w // 2, w // 2 + 1), w
 
@@ -152,7 +159,8 @@ def detect_divergence(s: RunSeries, early_end: float | None = None) -> Finding |
             final = float(lev[np.flatnonzero(np.isfinite(lev))[-1]])
             unrecovered = final - runmin[peak] >= math.log(1.2)
             early = early_end is not None and s.steps[peak] <= early_end
-            if not early or unrecovered:
+            big = unrecovered or up_min[peak] >= DIVERGE_RECOVERED or up_start[peak] >= DIVERGE_FROM_START
+            if big and (not early or unrecovered):
                 below = np.flatnonzero(up_min[:peak + 1] <= math.log(1.1))
                 onset = int(below[-1]) if len(below) else 0
                 rise_found = True
@@ -160,13 +168,23 @@ def detect_divergence(s: RunSeries, early_end: float | None = None) -> Finding |
                 evidence.update(start_loss=math.exp(start), best_level=math.exp(runmin[peak]),
                                 peak_level=math.exp(lev[peak]), final_level=math.exp(final),
                                 rise_from_best=math.exp(up_min[peak]), recovered=not unrecovered)
+    ended_bad = bool(bad) and (not len(s.steps) or bad[-1] > s.steps[-1])
+    if ended_bad and not rise_found and len(x) >= 5:
+        # The run died in NaN, possibly before a rise could look "sustained": find the final climb.
+        lev5 = rolling_median(x, 2, 2, 3)
+        bottom = int(np.nanargmin(lev5))
+        tail = float(np.median(x[-3:]))
+        if tail - lev5[bottom] >= math.log(1.3):
+            rise_found = unrecovered = True
+            steps = [int(s.steps[bottom]), int(s.steps[-1])]
+            evidence.update(best_level=math.exp(lev5[bottom]), final_level=math.exp(tail),
+                            rise_from_best=math.exp(tail - lev5[bottom]), recovered=False)
     if not bad and not rise_found:
         return None
     evidence["nonfinite_steps"] = bad[:50]
     evidence["nonfinite_count"] = len(bad)
     limit = int(s.config.get("max_nonfinite_steps") or 3)
     stopped = any(e.get("event") == "early_stop" and "nonfinite" in str(e.get("reason", "")) for e in s.events)
-    ended_bad = bool(bad) and (not len(s.steps) or bad[-1] > s.steps[-1])
     critical = (rise_found and unrecovered) or stopped or ended_bad or len(bad) >= limit
     patch = {**lower_lr(s, 0.3), **safer_clipping(s), **longer_warmup(s)}
     if bad and s.config.get("dtype") == "float16":
@@ -184,7 +202,7 @@ def detect_divergence(s: RunSeries, early_end: float | None = None) -> Finding |
         "this model and data, warmup too short, gradients unclipped, or float16 overflowed.",
         "Restart with a lower learning rate (about a third), gradient clipping at 1.0, a ~10% warmup"
         + (", and bfloat16 instead of float16" if "dtype" in patch else "") + ".",
-        steps=(steps or bad[:1]) + [b for b in bad[:20] if b not in steps], evidence=evidence, config_patch=patch)
+        steps=list(dict.fromkeys(steps + bad[:20])), evidence=evidence, config_patch=patch)
 
 
 def detect_flat_loss(s: RunSeries) -> Finding | None:
@@ -293,11 +311,15 @@ def detect_warmup(s: RunSeries, spikes: list[dict[str, Any]]) -> Finding | None:
         return None
     end = early_window_end(s)
     x = np.log(s.loss)
-    early = s.steps <= end
+    early = (s.steps <= end) & (np.arange(len(x)) > 0)
     sig = diff_sigma(x)
+    # Rise above the first logged loss (the untrained model's): a wide bump shows in the 3-record
+    # median (3 sigma), a narrow one in single records (4 sigma of a difference of two records).
     lev = rolling_median(x, 1, 1, 2)
-    bump = float(np.max(lev[early] - x[0])) if early.any() else 0.0
-    bumped = bump >= max(WARMUP_BUMP, 3 * sig)
+    wide = early & (lev - x[0] >= max(WARMUP_BUMP, 3 * sig))
+    narrow = early & (x - x[0] >= max(WARMUP_BUMP, WARMUP_Z * math.sqrt(2) * sig))
+    bump = float(np.max(x[early] - x[0])) if early.any() else 0.0
+    bumped = bool(wide.any() or narrow.any())
     early_spikes = [p for p in spikes if p["step"] <= end]
     evidence: dict[str, Any] = {"warmup_steps": w, "total_steps": total, "peak_lr": lr, "early_window_end": int(end),
                                 "early_rise_over_first_loss": math.exp(bump),
@@ -313,7 +335,7 @@ def detect_warmup(s: RunSeries, spikes: list[dict[str, Any]]) -> Finding | None:
     patch = longer_warmup(s, force=True)
     at = [p["step"] for p in early_spikes]
     if bumped:
-        at.insert(0, int(s.steps[early][int(np.argmax(lev[early] - x[0]))]))
+        at.insert(0, int(s.steps[early][int(np.argmax(x[early]))]))
     return Finding(
         "warmup_too_short", "warning" if unstable else "info",
         f"warmup of {w} steps" + (f" for a peak LR of {lr:g}" if lr else "") + (" with early instability" if unstable else ""),

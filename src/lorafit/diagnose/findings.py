@@ -56,7 +56,9 @@ def _jsonable(v: Any) -> Any:
         return v
     if isinstance(v, (int, str)):
         return v
-    if isinstance(v, float) or hasattr(v, "item"):
+    if hasattr(v, "item") and not isinstance(v, float):   # numpy scalars
+        return _jsonable(v.item())
+    if isinstance(v, float):
         f = float(v)
         if not math.isfinite(f):
             return str(f)

@@ -15,14 +15,17 @@ import numpy as np
 from .findings import Finding
 from .patches import DEFAULTS, round_sig
 from .records import RunSeries
-from .stats import mann_kendall, ols_slope, t_quantile
+from .stats import mann_kendall, ols_slope, rolling_median, t_quantile
 
 OVERFIT_RISE = 0.02        # validation loss 2% above its best ...
 OVERFIT_CLEAR_RISE = 0.05  # (5% is enough on its own, even from one evaluation after the best)
+OVERFIT_LEVEL_RISE = 0.015  # smaller rises must also hold between smoothed levels
 OVERFIT_CRITICAL = 0.10
 PLATEAU_REL = 0.01         # less than 1% improvement over the final stretch ...
 PLATEAU_BOUND = 0.03       # ... and confidently less than 3% (regression slope's 90% upper bound)
-PLATEAU_SPAN = 0.25        # the stretch covers at least a quarter of the evaluated steps
+PLATEAU_SPAN = 0.25        # the stretch covers at least a quarter of the training progress
+PLATEAU_BEFORE = 0.02      # after the validation loss fell by 2%+ (else it never learned: lr_too_low)
+FORGET_WATCH = 0.02        # general-domain loss up 2%: info (a drift worth watching)
 FORGET_LOSS = 0.05         # general-domain loss up 5% (perplexity up ~5%+): warning
 FORGET_CRITICAL = 0.15
 FORGET_ROUGE_POINTS = 2.0  # general-domain ROUGE-L down 2 points (and 5% relative)
@@ -35,7 +38,16 @@ def _epoch_at(s: RunSeries, step: float) -> float | None:
 
 
 def _gap_width(s: RunSeries) -> int:
-    return max(s.logging_steps, s.eval_steps // 2 or 1)
+    """Steps of train records that stand for the train loss at an evaluation (>= 10 records)."""
+    return max(10 * s.logging_steps, s.eval_steps // 2 or 1)
+
+
+def _train_slope(s: RunSeries, a: float, b: float) -> float:
+    """Regression slope of the log training loss between steps a and b (0 when too few records)."""
+    m = (s.steps >= a) & (s.steps <= b)
+    if m.sum() < 3:
+        return 0.0
+    return ols_slope(s.steps[m], np.log(s.loss[m]))[0]
 
 
 def detect_overfitting(s: RunSeries) -> list[Finding]:
@@ -50,13 +62,19 @@ def detect_overfitting(s: RunSeries) -> list[Finding]:
         if not len(after):
             continue
         rise = float(y[-1] / y[b] - 1)
+        # A smaller rise must be a trend (Mann-Kendall needs 4+ points to reach significance; with two
+        # evaluations after the best both must stand clearly above it) and must hold level to level:
+        # the minimum of noisy evaluations is biased low and the last one is a single draw, so the
+        # median of the last (up to) 3 is compared with the minimum of the 3-point-median curve.
+        level_rise = float(np.median(y[-min(3, len(after)):]) / np.min(rolling_median(y, 1, 1, 1)) - 1)
         _, z = mann_kendall(y[b:])
-        trend = z >= 1.64 or (len(after) >= 2 and bool(np.all(after >= y[b] * (1 + OVERFIT_RISE / 2))))
-        if not (rise >= OVERFIT_CLEAR_RISE or (rise >= OVERFIT_RISE and trend)):
+        trend = (z >= 1.64 if len(after) >= 3 else
+                 len(after) == 2 and bool(np.all(after >= y[b] * (1 + OVERFIT_RISE / 2))))
+        if not (rise >= OVERFIT_CLEAR_RISE or (rise >= OVERFIT_RISE and level_rise >= OVERFIT_LEVEL_RISE and trend)):
             continue
+        if _train_slope(s, st[b], st[-1]) > 0:
+            continue  # train loss not falling: instability (divergence) or noise, not overfitting
         tb, te = s.train_level_at(st[b], _gap_width(s)), s.train_level_at(st[-1], _gap_width(s))
-        if tb is not None and te is not None and te > tb * 1.05:
-            continue  # train loss rising too: instability, reported as divergence, not overfitting
         best_step = int(st[b])
         ev: dict[str, Any] = {"split": split, "best_step": best_step, "best_eval_loss": float(y[b]),
                               "final_eval_loss": float(y[-1]), "rise_from_best": rise, "trend_z": z,
@@ -65,7 +83,10 @@ def detect_overfitting(s: RunSeries) -> list[Finding]:
             ev.update(train_loss_at_best=tb, train_loss_final=te, gap_at_best=float(y[b] / tb),
                       gap_final=float(y[-1] / te))
         epoch = _epoch_at(s, best_step)
-        patch: dict[str, Any] = {"early_stopping_patience": 3}
+        # With early stopping on (or an early_stop event) train restored the best adapter: the result is
+        # fine, only the steps after the best were wasted.
+        restored = bool(s.config.get("early_stopping_patience")) or any(e.get("event") == "early_stop" for e in s.events)
+        patch: dict[str, Any] = {} if restored else {"early_stopping_patience": 3}
         if epoch:
             ev["epoch_at_best"] = epoch
             patch["num_epochs"] = max(0.1, math.ceil(epoch * 10) / 10)
@@ -77,11 +98,15 @@ def detect_overfitting(s: RunSeries) -> list[Finding]:
         if not s.config.get("augment"):
             patch["augment"] = ["prompt_variants", "word_dropout"]
         gap = f"; the train/validation gap grew from {ev['gap_at_best']:.2f}x to {ev['gap_final']:.2f}x" if "gap_final" in ev else ""
+        ev["best_adapter_restored"] = restored
         out.append(Finding(
-            "overfitting", "critical" if rise >= OVERFIT_CRITICAL else "warning",
+            "overfitting", "critical" if rise >= OVERFIT_CRITICAL and not restored else "warning",
             f"'{split}' loss best at step {best_step} ({y[b]:.3f}), then rose {100 * rise:.1f}% to {y[-1]:.3f}",
             "The model keeps lowering its training loss by memorising the training examples while getting "
-            f"worse on unseen ones{gap}. Everything after step {best_step} made the adapter worse.",
+            f"worse on unseen ones{gap}. "
+            + (f"Early stopping restored the step-{best_step} adapter, so the result is the best one, but the "
+               "steps after it were wasted and more data or regularisation would push the best lower."
+               if restored else f"Everything after step {best_step} made the adapter worse."),
             f"Stop at the best step (early_stopping_patience restores it; or train {patch.get('num_epochs', best_step)} "
             f"{'epochs' if 'num_epochs' in patch else 'steps'}), add data or augmentation, and regularise "
             "(lora_dropout, weight_decay).",
@@ -104,13 +129,14 @@ def detect_plateau(s: RunSeries, skip: set[str]) -> list[Finding]:
         if not flat:   # the longest final stretch (>= 4 evaluations) whose fitted trend is flat
             continue
         j = flat[0]
-        if px[-1] - px[j] < PLATEAU_SPAN * (px[-1] - px[0]):
-            continue
+        rising = float(np.median(y[-3:]) / np.min(rolling_median(y[j:], 1, 1, 1)) - 1) >= OVERFIT_LEVEL_RISE
+        if px[-1] - px[j] < PLATEAU_SPAN * (px[-1] - px[0]) or rising:
+            continue   # too short to call, or rising again at the end (overfitting's business)
         before = float(y[:j + 1].max() / y[j] - 1)
         imp, bound = _improvement(px[j:], y[j:])
         # A plateau is a change of slope: it fell before and stopped. A curve that never fell (flat loss,
         # lr_too_low) or falls slowly at one steady rate is not one.
-        if before < PLATEAU_REL or imp / (px[-1] - px[j]) > 0.25 * before / max(px[j] - px[0], 1e-9):
+        if before < PLATEAU_BEFORE or imp / (px[-1] - px[j]) > 0.25 * before / max(px[j] - px[0], 1e-9):
             continue
         width = _gap_width(s)
         t0, t1 = s.train_level_at(st[j], width), s.train_level_at(st[-1], width)
@@ -188,7 +214,14 @@ def detect_forgetting(s: RunSeries, metrics: dict[str, Any] | None) -> Finding |
             ev.update(rouge_l_before=rb * scale, rouge_l_delta=rd * scale)
     worst = max(rises, default=0.0)
     if worst < FORGET_LOSS and not rouge_drop:
-        return None
+        if worst < FORGET_WATCH:
+            return None
+        return Finding(
+            "forgetting", "info", f"general-domain loss up {100 * worst:.1f}% (below the {100 * FORGET_LOSS:g}% warning line)",
+            "The adapter has started to move the model away from general text; not yet a measurable loss of "
+            "ability, but it grows with more epochs or a higher learning rate.",
+            "Keep an eye on it; mixing in general-domain data (general_data, general_ratio 0.2) prevents it.",
+            evidence=ev)
     lr = s.peak_lr or DEFAULTS["learning_rate"]
     patch: dict[str, Any] = {}
     general_data = s.config.get("general_data") or []
@@ -200,16 +233,16 @@ def detect_forgetting(s: RunSeries, metrics: dict[str, Any] | None) -> Finding |
     if isinstance(epochs, (int, float)) and epochs > 1:
         patch["num_epochs"] = max(1, int(epochs) // 2)
     mix = ("raise general_ratio to 0.2" if general_data else
-           "add general-domain examples to the training mix (general_data: [a general instruction file], "
-           "general_ratio: 0.2)")
-    what = f"general-domain loss up {100 * worst:.1f}%" if worst >= FORGET_LOSS else ""
+           "set general_data to a general instruction file and general_ratio to 0.2")
+    what = f"general-domain loss up {100 * worst:.1f}%" if worst >= FORGET_WATCH else ""
     if rouge_drop:
         what += ("; " if what else "") + f"general-domain ROUGE-L down {rouge_drop:.1f} points"
     return Finding(
         "forgetting", "critical" if worst >= FORGET_CRITICAL or rouge_drop >= 5 else "warning", what,
         "The adapter improved the target domain at the expense of general ability (catastrophic "
         "forgetting): large, many or domain-only updates overwrite what the base model knew.",
-        f"Mix general-domain data into training ({mix}), lower the learning rate to 1e-5 and train fewer epochs.",
+        f"Mix general-domain data into training ({mix}), lower the learning rate to 1e-5 and train fewer "
+        "epochs.",
         steps=[int(s.evals['general'][0][-1])] if "general" in s.evals else [], evidence=ev, config_patch=patch)
 
 
@@ -225,7 +258,8 @@ def detect_setup(s: RunSeries) -> list[Finding]:
         ml = int(s.config.get("max_length") or 1024)
         out.append(Finding(
             "truncation", "warning" if share is not None and share >= 0.10 else "info",
-            f"{int(trunc)} training examples truncated" + (f" ({100 * share:.0f}%)" if share is not None else ""),
+            f"{int(trunc)} training example{'s' if trunc != 1 else ''} truncated"
+            + (f" ({100 * share:.2g}%)" if share is not None else ""),
             f"Examples longer than max_length ({ml}) lose their end; the model learns cut-off answers.",
             f"Raise max_length (e.g. {min(8192, ml * 2)}) if memory allows.",
             evidence={"truncated_examples": int(trunc), "train_examples": total, "max_length": ml},

@@ -78,8 +78,12 @@ class RunSeries:
 
     @property
     def examples_per_step(self) -> int | None:
+        """Examples per optimizer step (times the data-parallel world size when the start event says)."""
         b, ga = self.config.get("batch_size"), self.config.get("gradient_accumulation_steps") or 1
-        return int(b) * int(ga) if isinstance(b, (int, float)) and isinstance(ga, (int, float)) else None
+        world = self.cfg("world_size", 1)
+        if not all(isinstance(v, (int, float)) for v in (b, ga, world)):
+            return None
+        return int(b) * int(ga) * max(1, int(world))
 
     def warmup_steps(self) -> int | None:
         """Effective warmup: recorded by train, or read off the LR curve (where it first peaks)."""
@@ -101,10 +105,10 @@ class RunSeries:
         steps = np.asarray(steps, float)
         if self.lr is not None and len(self.steps) >= 3 and np.sum(self.lr) > 0:
             x, lr = np.concatenate([[0.0], self.steps]), np.concatenate([[self.lr[0]], self.lr])
-        else:   # an older log without LR: rebuild the schedule from the config when it says enough
+        else:   # an older log without LR: rebuild the schedule from the config (lorafit's default: cosine)
             total = max(self.total_steps, int(steps.max(initial=1)), 1)
             x = np.linspace(0, total, min(total, 2000) + 1)
-            lr = schedule_shape(x, self.cfg("lr_scheduler"), self.warmup_steps() or 0, total,
+            lr = schedule_shape(x, self.cfg("lr_scheduler", "cosine"), self.warmup_steps() or 0, total,
                                 float(self.config.get("min_lr_ratio") or 0.0))
         cum = np.concatenate([[0.0], np.cumsum(np.diff(x) * (lr[1:] + lr[:-1]) / 2)])
         return np.interp(steps, x, cum / cum[-1]) if cum[-1] > 0 else np.clip(steps / max(x[-1], 1), 0, 1)
@@ -169,7 +173,12 @@ def read_log(path: str | Path) -> list[dict[str, Any]]:
 
 
 def build_series(records: list[dict[str, Any]], config: dict[str, Any] | None = None) -> RunSeries:
-    """Sort, de-duplicate (a resumed run re-logs steps: last record wins) and split the records."""
+    """Sort, de-duplicate (a resumed run re-logs steps: last record wins) and split the records.
+
+    `config` is the run's config as a dict (or a TrainConfig); missing keys are simply unknown.
+    """
+    if config is not None and hasattr(config, "to_dict"):
+        config = config.to_dict()
     train: dict[int, dict] = {}
     evals: dict[str, dict[int, float]] = {}
     events: list[dict[str, Any]] = []

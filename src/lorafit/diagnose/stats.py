@@ -8,6 +8,7 @@ standard deviations keep one spike from hiding itself by inflating the very scal
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
@@ -27,12 +28,9 @@ def rolling_median(x: np.ndarray, before: int, after: int, min_count: int = 1) -
         return x.copy()
     w = _padded_windows(np.asarray(x, float), before, after)
     cnt = np.sum(np.isfinite(w), axis=1)
-    with np.errstate(all="ignore"):
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            med = np.nanmedian(w, axis=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)   # all-NaN windows at the ends: handled below
+        med = np.nanmedian(w, axis=1)
     med[cnt < min_count] = np.nan
     return med
 
@@ -65,6 +63,18 @@ def diff_sigma(x: np.ndarray) -> float:
     """
     d = np.diff(np.asarray(x, float))
     return robust_sigma(d) / math.sqrt(2) if len(d) else math.nan
+
+
+def curvature_sigma(x: np.ndarray) -> float:
+    """Noise level from second differences, which cancel any locally linear trend.
+
+    x[i+1] - 2x[i] + x[i-1] of independent noise has variance 6 sigma^2. Used where a steep trend
+    (a diverging or fast-falling loss in a short log) would inflate first differences.
+    """
+    x = np.asarray(x, float)
+    if len(x) < 3:
+        return diff_sigma(x)
+    return robust_sigma(x[2:] - 2 * x[1:-1] + x[:-2]) / math.sqrt(6)
 
 
 def rolling_diff_sigma(x: np.ndarray, half: int) -> np.ndarray:

@@ -148,7 +148,7 @@ def _generate(rng: np.random.Generator, plant: set[str], spike_steps: list[int] 
         train, val = train + kappa * ramp, val + 0.8 * kappa * ramp
         gnorm = gnorm + math.log(rng.uniform(1.5, 5)) * ramp
         if variant == "rise_nan":
-            end = min(T, t_d + dur + int(rng.integers(1, 5)) * L)
+            end = min(T // L * L, (t_d + dur) // L * L + int(rng.integers(1, 5)) * L)
             nan_steps = [end - k * L for k in range(3) if end - k * L > t_d]
     elif variant == "nan_only":
         nan_steps = sorted(int(x) * L for x in rng.choice(np.arange(5, T // L), size=int(rng.integers(1, 3)), replace=False))
@@ -203,13 +203,18 @@ def _generate(rng: np.random.Generator, plant: set[str], spike_steps: list[int] 
 
     if len(ev_steps) < 3:
         raise _Reject
+    if "forgetting" in plant and general is not None:
+        g_seen = general[ev_steps[-1] - 1] - general[max(ev_steps[0] - 1, 0)]
+        if g_seen < math.log(1.07):
+            raise _Reject   # most of the rise happened before the first general evaluation
     v_true = val[:end]
-    i70 = int(np.searchsorted(p[:end] / p[end - 1], 0.7))   # the last 30% of the progress (LR integral)
+    prog = p[:end] / p[end - 1]   # share of the progress (LR integral) done at each step
+    i70, i75 = int(np.searchsorted(prog, 0.7)), int(np.searchsorted(prog, 0.75))
     tail_imp, pre_imp = -rel(v_true[-1], v_true[i70]), -rel(v_true[i70], v_true[0])
     if "plateau" in plant and not (tail_imp < 0.004 and pre_imp >= 0.03):
-        raise _Reject
-    if not plant & {"plateau", "overfitting", "divergence", "lr_too_low"} and tail_imp < 0.025:
-        raise _Reject   # a "healthy" run must still be improving, or it would be a plateau
+        raise _Reject   # flat over the last 30% of the progress, after a real descent
+    if not plant & {"plateau", "overfitting", "divergence", "lr_too_low"} and -rel(v_true[-1], v_true[i75]) < 0.025:
+        raise _Reject   # a "healthy" run still improves 2.5%+ over its last 25%, or it would be a plateau
     if "overfitting" in plant:
         b = int(np.argmin(true_val))
         best_step = ev_steps[b]

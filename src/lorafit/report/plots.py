@@ -1,0 +1,104 @@
+"""loss.png: the one picture that shows how a run went.
+
+Raw and smoothed training loss, every validation curve by split, the learning rate on a second axis,
+and the diagnosis drawn on top: spikes, non-finite steps, the best validation step and a plateau.
+Uses matplotlib's object API with the Agg canvas, so it never touches pyplot's global backend and
+works headless.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from ..diagnose import Finding, diagnose_records, read_run, spikes_of
+from ..diagnose.records import RunSeries, build_series
+from ..diagnose.stats import ema
+
+SPLIT_COLORS = ["#d62728", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
+
+
+def _best_step(s: RunSeries, findings: list[Finding]) -> tuple[str, float, float] | None:
+    """(split, step, loss) of the best validation point: overfitting's, else the first split's minimum."""
+    for f in findings:
+        if f.kind == "overfitting":
+            split, step = f.evidence["split"], f.evidence["best_step"]
+            return split, float(step), float(f.evidence["best_eval_loss"])
+    splits = s.validation_splits()
+    if not splits or len(s.evals[splits[0]][1]) < 2:
+        return None
+    st, y = s.evals[splits[0]]
+    i = int(np.argmin(y))
+    return splits[0], float(st[i]), float(y[i])
+
+
+def draw_loss(s: RunSeries, findings: list[Finding], title: str = "") -> Figure:
+    """The loss figure for a series and its findings (not saved; see plot_loss)."""
+    fig = Figure(figsize=(8, 5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    handles = []
+    if len(s.loss):
+        handles += ax.plot(s.steps, s.loss, color="#1f77b4", alpha=0.3, lw=0.8, label="train loss (raw)")
+        span = float(np.clip(len(s.loss) / 20, 1, 50))
+        handles += ax.plot(s.steps, ema(s.loss, 2 / (span + 1)), color="#1f77b4", lw=1.8,
+                           label="train loss (EMA)")
+    for k, (split, (st, y)) in enumerate(s.evals.items()):
+        color = "#ff7f0e" if split == "general" else SPLIT_COLORS[k % len(SPLIT_COLORS)]
+        handles += ax.plot(st, y, "o-", color=color, ms=3.5, lw=1.4, label=f"eval: {split}")
+    spike_steps = spikes_of(findings)
+    if spike_steps and len(s.loss):
+        ys = np.interp(spike_steps, s.steps, s.loss)
+        handles.append(ax.scatter(spike_steps, ys, marker="v", s=60, color="crimson", zorder=5,
+                                  label="loss spike"))
+    if s.nonfinite_steps:
+        lo = float(np.min(s.loss)) if len(s.loss) else 0.0
+        handles.append(ax.scatter(s.nonfinite_steps, [lo] * len(s.nonfinite_steps), marker="x", s=50,
+                                  color="black", zorder=5, label="non-finite loss"))
+    best = _best_step(s, findings)
+    if best is not None:
+        split, step, loss = best
+        ax.axvline(step, color="gray", ls="--", lw=1)
+        handles.append(ax.scatter([step], [loss], marker="*", s=160, color="gold", edgecolor="black",
+                                  zorder=6, label=f"best {split} (step {int(step)})"))
+    for f in findings:
+        if f.kind == "plateau" and len(f.steps) == 2:
+            ax.axvspan(f.steps[0], f.steps[1], color="gray", alpha=0.12, lw=0)
+        if f.kind == "divergence" and len(f.steps) >= 2 and "rise_from_best" in f.evidence:
+            ax.axvspan(f.steps[0], f.steps[1], color="red", alpha=0.08, lw=0)
+    finite = np.concatenate([s.loss] + [y for _, y in s.evals.values()]) if len(s.loss) or s.evals else np.array([])
+    if len(finite) and finite.min() > 0 and finite.max() / finite.min() > 20:
+        ax.set_yscale("log")   # a diverged run would squash the healthy part of the curve
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    if s.lr is not None and len(s.lr):
+        ax2 = ax.twinx()
+        handles += ax2.plot(s.steps, s.lr, color="gray", ls=":", lw=1.2, label="learning rate")
+        ax2.set_ylabel("learning rate")
+        ax2.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
+    if not handles:
+        ax.text(0.5, 0.5, "no training or evaluation records yet", ha="center", va="center", transform=ax.transAxes)
+    else:   # below the axes, so it never hides a curve
+        fig.legend(handles=handles, loc="lower center", ncol=min(4, len(handles)), fontsize=8, frameon=False)
+    ax.set_title(title, fontsize=10)
+    rows = (len(handles) + 3) // 4
+    fig.tight_layout(rect=(0, 0.05 * rows + 0.02, 1, 1))
+    return fig
+
+
+def plot_loss(run_dir: str | Path, findings: list[Finding] | list[dict] | None = None) -> Path:
+    """Write RUN/loss.png and return its path; diagnoses the run when no findings are given
+    (findings may also be the dicts of a diagnosis.json)."""
+    run = Path(run_dir)
+    records, metrics, config = read_run(run)
+    if findings is None:
+        findings = diagnose_records(records, metrics, config)
+    findings = [f if isinstance(f, Finding) else Finding.from_dict(f) for f in findings]
+    s = build_series(records, config)
+    fig = draw_loss(s, findings, title=run.resolve().name)
+    out = run / "loss.png"
+    fig.savefig(out, format="png", dpi=100)
+    return out
+
