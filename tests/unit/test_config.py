@@ -71,3 +71,14 @@ def test_shipped_configs_validate():
 
     for p in sorted((Path(__file__).parents[2] / "configs").glob("*.yaml")):
         load_config(p)  # model/data may be absent on this machine: only the schema is checked
+
+
+def test_api_names_stay_functions_after_subpackage_imports():
+    import importlib
+
+    import lorafit
+
+    for mod in ("lorafit.evaluate.run", "lorafit.diagnose.detectors", "lorafit.report.plots", "lorafit.training.loop"):
+        importlib.import_module(mod)
+    for name in ("train", "evaluate", "diagnose", "report", "generate", "merge", "score", "demo"):
+        assert callable(getattr(lorafit, name)), name
