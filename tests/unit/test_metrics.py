@@ -147,6 +147,9 @@ def test_detect_lang_and_bad_arguments():
     assert detect_lang(ZH_REFS) == "zh" and detect_lang(EN_REFS) == "en"
     assert detect_lang(["新冠病毒 PCR 检测需要使用鼻拭子"]) == "zh"
     assert detect_lang([""]) == "en"
+    mixed = EN_REFS + ZH_REFS[:2]  # a bilingual set: Chinese tokenization keeps both halves countable
+    assert detect_lang(mixed) == "zh"
+    assert detect_lang(["Say 谢谢 (thank you) when someone helps you; it is polite in every situation."]) == "en"
     with pytest.raises(DataError, match="counts must match"):
         score_predictions(["a", "b"], ["a"])
     with pytest.raises(LorafitError, match="mode"):

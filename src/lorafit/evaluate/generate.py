@@ -20,19 +20,14 @@ def generate_batched(model: Any, tokenizer: Any, prompts: Sequence[str], *, max_
     # Longest first: similar lengths share a batch, and an out-of-memory error shows up at once.
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
     answers: list[str] = [""] * len(prompts)
-    old_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        bar = tqdm(total=len(prompts), desc=desc or "generate", unit="prompt", disable=not progress)
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
-            batch = tokenizer.pad({"input_ids": [encoded[i] for i in idx]}, return_tensors="pt")
-            for i, text in zip(idx, _generate(model, tokenizer, batch, max_new_tokens)):
-                answers[i] = text
-            bar.update(len(idx))
-        bar.close()
-    finally:
-        tokenizer.padding_side = old_side
+    bar = tqdm(total=len(prompts), desc=desc or "generate", unit="prompt", disable=not progress)
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        batch = _left_pad([encoded[i] for i in idx], _pad_id(tokenizer))
+        for i, text in zip(idx, _generate(model, tokenizer, batch, max_new_tokens)):
+            answers[i] = text
+        bar.update(len(idx))
+    bar.close()
     return answers
 
 
@@ -44,6 +39,22 @@ def generate_sequential(model: Any, tokenizer: Any, prompts: Sequence[str], *, m
         ids = torch.tensor([_encode(tokenizer, p)])
         out += _generate(model, tokenizer, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, max_new_tokens)
     return out
+
+
+def _left_pad(rows: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Pad on the left, so every row ends with its own last prompt token and one step serves all rows.
+    (Positions come from the attention mask inside ``generate``, so padding shifts nothing.)"""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+        mask[i, width - len(r):] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def _pad_id(tokenizer: Any) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 def _encode(tokenizer: Any, prompt: str) -> list[int]:
@@ -60,6 +71,6 @@ def _generate(model: Any, tokenizer: Any, batch: Any, max_new_tokens: int) -> li
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
                          num_beams=1, temperature=None, top_p=None, top_k=None,
                          eos_token_id=tokenizer.eos_token_id if eos is None else eos,
-                         pad_token_id=tokenizer.pad_token_id)
+                         pad_token_id=_pad_id(tokenizer))
     new_tokens = out[:, inputs["input_ids"].shape[1]:]
     return [t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]

@@ -37,7 +37,7 @@ def reference_loss(model: Any, tokenizer: Any, examples: Sequence[Example], *, m
         logits = model(input_ids=batch["input_ids"].to(device),
                        attention_mask=batch["attention_mask"].to(device)).logits
         target = batch["labels"][:, 1:].to(device)
-        total += F.cross_entropy(logits[:, :-1].float().flatten(0, 1), target.flatten(),
-                                 ignore_index=-100, reduction="sum").item()
-        count += int((target != -100).sum())
+        keep = target != -100  # answer tokens only; upcast just those rows of logits, not the whole batch
+        total += F.cross_entropy(logits[:, :-1][keep].float(), target[keep], reduction="sum").item()
+        count += int(keep.sum())
     return total / count

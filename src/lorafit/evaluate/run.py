@@ -1,14 +1,16 @@
 """``lorafit eval RUN``: base vs base+adapter on every validation set of a run, written to RUN/eval/.
 
-A readable sequence over the package's parts: read the run's config and sets, load the base once and
-wrap it with the adapter (PEFT's ``disable_adapter()`` gives the base model's outputs from the same
-object, so both rows use identical weights, tokenizer and prompts), then per set generate, score and
-measure reference loss before and after, and write predictions, metrics.json and metrics.md.
+A readable sequence over the package's parts: read the run's config and sets; load the base once and
+wrap it with the adapter; pass 1, adapter disabled (PEFT's ``disable_adapter()``): the base model's
+answers and reference loss on every set; pass 2, adapter merged: the tuned model's; then score both
+and write predictions, metrics.json and metrics.md. One object serves both rows, so they share
+weights, tokenizer and prompts exactly.
 """
 from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -46,34 +48,62 @@ def evaluate_run(run_dir: str | Path, *, max_new_tokens: int | None = None, batc
     tok = ensure_template(load_tokenizer(cfg.model), cfg.template)
     model = load_adapter(load_model(cfg.model, device=device, dtype=cfg.dtype), run / "adapter")
     model.eval()  # no LoRA dropout while measuring
-
+    todo = [_EvalSet.of(name, exs, tok, cfg.system_prompt) for name, exs in eval_sets.items()]
     out_dir = run / "eval"
-    metrics: dict[str, Any] = {"mode": mode, "sets": {}}
-    for name, examples in eval_sets.items():
-        prompts = [render_prompt(tok, ex.prompt_messages, cfg.system_prompt) for ex in examples]
-        labels = [ex.references[0] if len(ex.references) == 1 else list(ex.references) for ex in examples]
-        pairs = _one_per_reference(examples)
-        lang = detect_lang([r for ex in examples for r in ex.references])
-        gen = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
-        loss = dict(max_length=cfg.max_length, system_prompt=cfg.system_prompt, batch_size=batch_size)
-        with model.disable_adapter():
-            base = generate_batched(model, tok, prompts, desc=f"{name}: base", **gen)
-            loss_before = reference_loss(model, tok, pairs, **loss)
-        tuned = generate_batched(model, tok, prompts, desc=f"{name}: tuned", **gen)
-        loss_after = reference_loss(model, tok, pairs, **loss)
+    measure = dict(tok=tok, out_dir=out_dir, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                   max_length=cfg.max_length, system_prompt=cfg.system_prompt, progress=progress)
 
-        safe = re.sub(r"[^\w.-]", "_", name)
-        write_predictions(out_dir / f"predictions-base-{safe}.jsonl", prompts, base, labels)
-        write_predictions(out_dir / f"predictions-tuned-{safe}.jsonl", prompts, tuned, labels)
-        before = score_predictions(base, labels, mode, lang)
-        after = score_predictions(tuned, labels, mode, lang)
-        metrics["sets"][name] = {
-            "lang": lang, "n": len(examples), "before": before, "after": after,
-            "delta": {k: after[k] - before[k] for k in KEYS},
-            "loss_before": loss_before, "loss_after": loss_after,
-        }
+    with model.disable_adapter():  # the LoRA path is skipped: these are the base model's numbers
+        before = {s.name: _measure(model, s, "base", **measure) for s in todo}
+    # Tuned = adapter merged into the weights: the model `lorafit merge` ships, and one matmul per
+    # layer instead of three. Merging in place is safe: the base pass is done and nothing is saved.
+    model.merge_adapter()
+
+    metrics: dict[str, Any] = {"mode": mode, "sets": {}}
+    for s in todo:
+        after = _measure(model, s, "tuned", **measure)
+        metrics["sets"][s.name] = _compare(s, before[s.name], after, mode)
         _write_metrics(out_dir, metrics)  # after every set: a long eval that dies keeps what it measured
     return metrics
+
+
+@dataclass
+class _EvalSet:
+    name: str
+    prompts: list[str]  # rendered with the run's chat template and system prompt
+    labels: list[str | list[str]]  # a list where one prompt has several references (E2E)
+    pairs: list[Example]  # one (prompt, reference) example per reference, for the loss
+    lang: str
+
+    @classmethod
+    def of(cls, name: str, examples: list[Example], tok: Any, system_prompt: str | None) -> "_EvalSet":
+        refs = [r for ex in examples for r in ex.references]
+        return cls(name, [render_prompt(tok, ex.prompt_messages, system_prompt) for ex in examples],
+                   [ex.references[0] if len(ex.references) == 1 else list(ex.references) for ex in examples],
+                   [Example(ex.prompt_messages + [{"role": "assistant", "content": r}], ex.source, ex.line)
+                    for ex in examples for r in ex.references],
+                   detect_lang(refs))
+
+
+def _measure(model: Any, s: _EvalSet, which: str, *, tok: Any, out_dir: Path, max_new_tokens: int,
+             batch_size: int, max_length: int, system_prompt: str | None,
+             progress: bool) -> tuple[list[str], float | None]:
+    """Answers (also written to predictions-<which>-<set>.jsonl) and reference loss of one model."""
+    preds = generate_batched(model, tok, s.prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                             desc=f"{s.name}: {which}", progress=progress)
+    write_predictions(out_dir / f"predictions-{which}-{_safe(s.name)}.jsonl", s.prompts, preds, s.labels)
+    loss = reference_loss(model, tok, s.pairs, max_length=max_length, system_prompt=system_prompt,
+                          batch_size=batch_size)
+    return preds, loss
+
+
+def _compare(s: _EvalSet, before: tuple[list[str], float | None], after: tuple[list[str], float | None],
+             mode: str) -> dict[str, Any]:
+    """One set's entry of metrics.json (its documented shape: others read it)."""
+    b = score_predictions(before[0], s.labels, mode, s.lang)
+    a = score_predictions(after[0], s.labels, mode, s.lang)
+    return {"lang": s.lang, "n": len(s.prompts), "before": b, "after": a,
+            "delta": {k: a[k] - b[k] for k in KEYS}, "loss_before": before[1], "loss_after": after[1]}
 
 
 def _eval_sets(cfg: Any, cfg_path: Path, names: Sequence[str] | None,
@@ -94,10 +124,9 @@ def _eval_sets(cfg: Any, cfg_path: Path, names: Sequence[str] | None,
     return {n: exs[:max_samples] if max_samples else exs for n, exs in grouped.items()}
 
 
-def _one_per_reference(examples: list[Example]) -> list[Example]:
-    """Loss is measured on every (prompt, reference) pair, not only the first reference."""
-    return [Example(ex.prompt_messages + [{"role": "assistant", "content": ref}], ex.source, ex.line)
-            for ex in examples for ref in ex.references]
+def _safe(name: str) -> str:
+    """A set name as a file-name part (val_data keys are free text)."""
+    return re.sub(r"[^\w.-]", "_", name)
 
 
 def _write_metrics(out_dir: Path, metrics: dict[str, Any]) -> None:
