@@ -111,7 +111,7 @@ def report(run: str | Path, *, study: str | Path | None = None) -> tuple[Path, P
 
 def demo(out: str | Path = "runs/demo", *, progress: bool = True) -> dict:
     """The built-in default: write the demo set, fine-tune SmolLM2, evaluate, diagnose, report."""
-    from .demo import demo_overrides
+    from .demoset import demo_overrides
 
     out = Path(out)
     result = train(load_config(None, demo_overrides(out)), progress=progress)

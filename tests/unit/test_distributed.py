@@ -9,7 +9,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from lorafit.demo import write_demo_data
+from lorafit.demoset import write_demo_data
 
 
 def _cfg(tmp_path, tiny_model_dir, name, **kw):

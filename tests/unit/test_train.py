@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lorafit.config import load_config
-from lorafit.demo import write_demo_data
+from lorafit.demoset import write_demo_data
 
 
 @pytest.fixture(scope="module")
