@@ -136,3 +136,19 @@ def test_general_mixing_logged(tiny_model_dir, demo_data, tmp_path):
     start = records(res.run_dir)[0]
     assert start["general_examples"] == round(start["train_examples"] * 0.2)
     assert any(r.get("split") == "general" for r in records(res.run_dir))
+
+
+def test_second_trainer_on_the_same_folder_is_refused(tiny_model_dir, demo_data, tmp_path):
+    from lorafit.errors import ConfigError
+    from lorafit.training import train
+    from lorafit.training.loop import lock_output_dir
+
+    out = tmp_path / "busy"
+    held = lock_output_dir(out)  # another process's lock, as far as flock is concerned (separate open)
+    try:
+        with pytest.raises(ConfigError, match="in use"):
+            train(cfg_for(tiny_model_dir, demo_data, out, max_steps=1), progress=False)
+    finally:
+        held.close()
+    train(cfg_for(tiny_model_dir, demo_data, out, max_steps=1), progress=False)  # free again
+    assert (out / "adapter").is_dir()

@@ -162,6 +162,24 @@ def check_output_dir(out: Path) -> None:
     os.unlink(name)
 
 
+def lock_output_dir(out: Path) -> Any:
+    """Hold an exclusive lock on the run folder for the life of the process.
+
+    Two `lorafit train` processes writing one folder would interleave log lines and checkpoints;
+    the second one is refused instead. The lock dies with its process (kill -9 included).
+    """
+    import fcntl
+
+    out.mkdir(parents=True, exist_ok=True)
+    f = open(out / ".lock", "a+")
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise ConfigError("output folder is in use by another `lorafit train`", file=str(out), field="output_dir") from None
+    return f
+
+
 # ------------------------------------------------------------------------------------------------
 def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
     """Fine-tune per `cfg`; resumes from the last complete checkpoint in `cfg.output_dir`."""
@@ -211,6 +229,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
     model = dist.wrap(model, cfg.distributed, device)
 
     # --- resume or start
+    lock = lock_output_dir(out) if dist.is_main() else None  # noqa: F841 (held until return)
     ckpt_root = out / "checkpoints"
     ckpt = C.latest_valid(ckpt_root) if ckpt_root.exists() else None
     state: dict[str, Any] = {"step": 0, "log_lines": 0, "best_loss": None, "best_step": None, "bad_evals": 0,
@@ -218,7 +237,6 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
     if ckpt is not None:
         state = C.load_checkpoint(ckpt, model=peft_model, optimizer=opt)
     if dist.is_main():
-        out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
     dist.barrier()
     logf = JsonlLog(out / "log.jsonl", state["log_lines"])
