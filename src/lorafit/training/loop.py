@@ -229,7 +229,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
     model = dist.wrap(model, cfg.distributed, device)
 
     # --- resume or start
-    lock = lock_output_dir(out) if dist.is_main() else None  # noqa: F841 (held until return)
+    lock = lock_output_dir(out) if dist.is_main() else None  # held until the run ends
     ckpt_root = out / "checkpoints"
     ckpt = C.latest_valid(ckpt_root) if ckpt_root.exists() else None
     state: dict[str, Any] = {"step": 0, "log_lines": 0, "best_loss": None, "best_step": None, "bad_evals": 0,
@@ -374,6 +374,9 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
                     "best_step": state["best_step"], "best_loss": state["best_loss"], "final_eval": last_eval})
         logf.sync()
     logf.close()
+    if lock is not None:  # a finished run leaves no lock file behind
+        (out / ".lock").unlink(missing_ok=True)
+        lock.close()
     dist.barrier()
     dist.cleanup()
     return TrainResult(out, total, last_eval, stopped_early, None if ckpt is None else int(ckpt.name.split("-")[1]))
