@@ -38,7 +38,8 @@ from lorafit.evaluate import generate_batched, generate_sequential
 from lorafit.model import builtin_model_path, load_model, load_tokenizer, pick_device, pick_dtype
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "domain" / "bitext-support-en" / "Bitext_Sample_Customer_Support_Training_Dataset.csv"
+DATA = (ROOT.parent / "shared" / "data" / "domain" / "bitext-support-en"
+        / "Bitext_Sample_Customer_Support_Training_Dataset.csv")
 
 
 def main(argv: list[str] | None = None) -> dict:

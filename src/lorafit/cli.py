@@ -39,6 +39,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=None)
     e.add_argument("--max-samples", type=int, default=None)
     e.add_argument("--mode", choices=["llamafactory", "standard"], default=None)
+    e.add_argument("--sets", nargs="+", default=None, help="only these validation sets (names as in log.jsonl)")
+    e.add_argument("--device", default="auto")
 
     s = sub.add_parser("score", help="score a predictions file (prompt/predict/label JSON lines)")
     s.add_argument("predictions")
@@ -125,7 +127,7 @@ def _run(args: argparse.Namespace, extra: list[str], argv: list[str]) -> int:
         print(f"merged model: {api.merge(args.run, args.out)}")
     elif args.cmd == "eval":
         api.evaluate(args.run, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                     max_samples=args.max_samples, mode=args.mode)
+                     max_samples=args.max_samples, mode=args.mode, sets=args.sets, device=args.device)
         print((Path(args.run) / "eval" / "metrics.md").read_text(encoding="utf-8"))
     elif args.cmd == "score":
         res = api.score(args.predictions, mode=args.mode, lang=args.lang)

@@ -143,19 +143,17 @@ def segment_zh(text: str) -> str:
 
 def _standard(preds: list[str], refs: list[list[str]], lang: str) -> dict[str, float]:
     import sacrebleu
-    from rouge_score import rouge_scorer  # heavy: keep CLI start fast
+    from rouge_score import rouge_scorer, tokenizers  # heavy: keep CLI start fast
 
     # sacrebleu wants reference *streams*; None pads prompts that have fewer references.
     n_streams = max(len(rs) for rs in refs)
     streams = [[rs[i] if i < len(rs) else None for rs in refs] for i in range(n_streams)]
     bleu = sacrebleu.corpus_bleu(preds, streams, tokenize="zh" if lang == "zh" else "13a").score
 
-    if lang == "zh":
-        scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], tokenizer=WhitespaceTokenizer())
-        prep = segment_zh
-    else:
-        scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"])
-        prep = str
+    # English: rouge-score's own default tokenizer, passed explicitly only to skip its log line.
+    tokenizer = WhitespaceTokenizer() if lang == "zh" else tokenizers.DefaultTokenizer(use_stemmer=False)
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], tokenizer=tokenizer)
+    prep = segment_zh if lang == "zh" else str
     rouge: dict[str, list[float]] = {"rouge1": [], "rouge2": [], "rougeL": []}
     for pred, rs in zip(preds, refs):
         s = scorer.score_multi([prep(r) for r in rs], prep(pred))  # best reference per metric

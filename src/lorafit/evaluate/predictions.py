@@ -45,7 +45,8 @@ def read_predictions(path: str | Path) -> tuple[list[str], list[Label]]:
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
-            raise DataError(f"unreadable line: invalid JSON ({e.msg}, column {e.colno})", file=str(path), line=i) from None
+            raise DataError(f"unreadable line: invalid JSON ({e.msg}, column {e.colno})",
+                            file=str(path), line=i) from None
         if not isinstance(rec, dict):
             raise DataError(f"expected a JSON object, got {type(rec).__name__}", file=str(path), line=i)
         preds.append(_string(rec, "predict", path, i))
