@@ -5,18 +5,20 @@ padding-free batches (packing), the fused modules (modules) and the switch that 
 PEFT model (accelerate). On a machine without CUDA or Triton every public function takes its
 reference path, so CPU training and tests run the same code.
 """
-from .accelerate import Acceleration, accelerate_model, causal_lm_loss, decoder_forward, restore_model
-from .attention import varlen_attention, varlen_attention_reference
+from .accelerate import (Acceleration, accelerate_model, causal_lm_loss, decoder_forward, fused_layer_body,
+                         restore_model)
+from .attention import causal_attention, varlen_attention, varlen_attention_reference
 from .cross_entropy import causal_lm_loss_reference, fused_causal_lm_loss
 from .graphs import CudaGraphStep
 from .lora import LoraProj, lora_group, lora_group_reference
 from .packing import pack_batch, pad_batch, plan_packs
-from .rmsnorm import rms_norm, rms_norm_reference
+from .rmsnorm import add_rms_norm, add_rms_norm_reference, rms_norm, rms_norm_reference
 from .rotary import rope, rope_qk, rope_reference
 from .swiglu import swiglu, swiglu_reference
 
 __all__ = [
-    "Acceleration", "CudaGraphStep", "LoraProj", "accelerate_model", "decoder_forward", "causal_lm_loss", "causal_lm_loss_reference",
+    "Acceleration", "CudaGraphStep", "LoraProj", "accelerate_model", "add_rms_norm", "add_rms_norm_reference",
+    "causal_attention", "decoder_forward", "causal_lm_loss", "causal_lm_loss_reference", "fused_layer_body",
     "fused_causal_lm_loss", "lora_group", "lora_group_reference", "pack_batch", "pad_batch", "plan_packs",
     "restore_model", "rms_norm", "rms_norm_reference", "rope", "rope_qk", "rope_reference", "swiglu",
     "swiglu_reference", "varlen_attention", "varlen_attention_reference",

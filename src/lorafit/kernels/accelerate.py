@@ -12,6 +12,7 @@ cannot match it. Unsupported architectures are left as they are.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Mapping
 
 import torch
@@ -20,12 +21,16 @@ from torch import nn
 from .cross_entropy import fused_causal_lm_loss
 from .dropout import DropoutSeed
 from .modules import FusedAttention, FusedMLP, FusedRMSNorm
+from .rmsnorm import add_rms_norm
 
-__all__ = ["Acceleration", "accelerate_model", "causal_lm_loss", "decoder_forward", "restore_model"]
+__all__ = ["Acceleration", "accelerate_model", "causal_lm_loss", "decoder_forward", "fused_layer_body",
+           "restore_model"]
 
 ATTENTION = ("LlamaAttention", "Qwen2Attention", "MistralAttention")
 MLP = ("LlamaMLP", "Qwen2MLP", "MistralMLP")
 NORM = ("LlamaRMSNorm", "Qwen2RMSNorm", "MistralRMSNorm")
+LAYER = ("LlamaDecoderLayer", "Qwen2DecoderLayer", "MistralDecoderLayer")
+CE_CHUNK_ELEMENTS = 1 << 27  # logits in one cross-entropy chunk by default: 256 MiB in bf16
 _FUSED = (FusedAttention, FusedMLP, FusedRMSNorm)
 
 
@@ -43,6 +48,18 @@ class Acceleration:
     ce_chunk: int | None = None
     seeded_dropout: bool = False
     swapped: int = 0
+    fused_residual: bool = False
+    sdpa_backend: str | None = None
+    checkpointed_ce_chunk: int | None = None
+
+    def ce_rows(self, vocab: int, checkpointed: bool) -> int:
+        """Rows of logits per cross-entropy chunk: ce_chunk, else checkpointed_ce_chunk under
+        activation checkpointing, else about 256 MiB of bf16 logits (1,046 rows at 128,256 tokens)."""
+        if self.ce_chunk is not None:
+            return int(self.ce_chunk)
+        if checkpointed and self.checkpointed_ce_chunk is not None:
+            return int(self.checkpointed_ce_chunk)
+        return max(64, CE_CHUNK_ELEMENTS // vocab)
 
 
 def _causal_lm(model: nn.Module) -> nn.Module:
@@ -58,7 +75,8 @@ def _layers(causal: nn.Module) -> list[nn.Module]:
 def accelerate_model(model: nn.Module, *, fused_lora: bool = True, fused_norm: bool = True, fused_rope: bool = True,
                      fused_swiglu: bool = True, fused_ce: bool = True, varlen_attention: bool = True,
                      shared_dropout: bool = True, ce_chunk: int | None = None,
-                     seeded_dropout: bool = False) -> nn.Module:
+                     seeded_dropout: bool = False, fused_residual: bool = False, sdpa_backend: str | None = None,
+                     checkpointed_ce_chunk: int | None = 256) -> nn.Module:
     """Swap the decoder's attention, MLP and norms of `model` (PeftModel or *ForCausalLM) for fused ones.
 
     fused_lora: one pass over each shared input for its LoRA projections, in the model dtype.
@@ -70,6 +88,15 @@ def accelerate_model(model: nn.Module, *, fused_lora: bool = True, fused_norm: b
     seeded_dropout: draw LoRA dropout masks from a step counter instead of the RNG state
         (`lorafit.kernels.dropout`), so activation checkpointing can run with
         preserve_rng_state=False inside a captured CUDA graph; GPU only, saves no masks.
+    ce_chunk: rows of logits per cross-entropy chunk (None: about 256 MiB of bf16 logits, 1,046 rows
+        for a 128,256-token vocabulary). checkpointed_ce_chunk: the rows per chunk instead while the
+        decoder layers are activation-checkpointed and ce_chunk is None (None: the same default). The
+        chunk's logits are live at the end of the forward, where a checkpointed step peaks: 256 rows
+        hold 63 MiB at 128,256 tokens instead of 256 MiB.
+    fused_residual: the post-attention `h = residual + attn; norm(h)` as one kernel (`add_rms_norm`),
+        through lorafit's own decoder-layer body in `decoder_forward` (unpadded and packed batches).
+    sdpa_backend: pin the SDPA kernel of unpacked, unmasked batches ("cudnn", "flash", "efficient",
+        "math"; None: PyTorch's choice, through Hugging Face's attention function).
     Calling it again re-applies from the original modules with the new flags. Returns `model`.
     """
     restore_model(model)
@@ -84,7 +111,8 @@ def accelerate_model(model: nn.Module, *, fused_lora: bool = True, fused_norm: b
         attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
         if type(attn).__name__ in ATTENTION and hasattr(attn, "head_dim"):
             layer.self_attn = FusedAttention(attn, fused_lora=fused_lora, fused_rope=fused_rope,
-                                             varlen=varlen_attention, shared_dropout=shared_dropout)
+                                             varlen=varlen_attention, shared_dropout=shared_dropout,
+                                             sdpa_backend=sdpa_backend)
             layer.self_attn.dropout_seed, layer.self_attn.dropout_site = seed, index
             swapped += 1
         act = getattr(getattr(mlp, "config", None), "hidden_act", None)
@@ -101,8 +129,11 @@ def accelerate_model(model: nn.Module, *, fused_lora: bool = True, fused_norm: b
     if fused_norm and type(getattr(decoder, "norm", None)).__name__ in NORM:
         decoder.norm = FusedRMSNorm(decoder.norm)
         swapped += 1
-    causal.lorafit_acceleration = Acceleration(fused_lora, fused_norm, fused_rope, fused_swiglu, fused_ce,
-                                               varlen_attention, shared_dropout, ce_chunk, seeded_dropout, swapped)
+    causal.lorafit_acceleration = Acceleration(
+        fused_lora=fused_lora, fused_norm=fused_norm, fused_rope=fused_rope, fused_swiglu=fused_swiglu,
+        fused_ce=fused_ce, varlen_attention=varlen_attention, shared_dropout=shared_dropout, ce_chunk=ce_chunk,
+        seeded_dropout=seeded_dropout, swapped=swapped, fused_residual=fused_residual, sdpa_backend=sdpa_backend,
+        checkpointed_ce_chunk=checkpointed_ce_chunk)
     return model
 
 
@@ -136,6 +167,41 @@ def _all_fused(decoder: nn.Module) -> bool:
     return bool(layers) and all(isinstance(getattr(layer, "self_attn", None), FusedAttention) for layer in layers)
 
 
+def _checkpointed(causal: nn.Module) -> bool:
+    """Whether the decoder layers recompute their activations in backward (HF gradient checkpointing)."""
+    return any(getattr(layer, "gradient_checkpointing", False) and layer.training for layer in _layers(causal))
+
+
+def _residual_fusable(layer: nn.Module) -> bool:
+    return (type(layer).__name__ in LAYER and isinstance(getattr(layer, "self_attn", None), FusedAttention)
+            and isinstance(getattr(layer, "post_attention_layernorm", None), FusedRMSNorm)
+            and isinstance(getattr(layer, "input_layernorm", None), nn.Module)
+            and not layer._forward_hooks and not layer._forward_pre_hooks)
+
+
+def fused_layer_body(layer: nn.Module, hidden: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+    """LlamaDecoderLayer.forward (also Qwen2, Mistral) in training, with `add_rms_norm` after attention:
+        x = norm1(hidden);  a = attn(x);  y, h = norm2(hidden + a), hidden + a;  out = h + mlp(y)
+    kwargs are the attention's (position_ids, position_embeddings, packed-sequence keys)."""
+    x = layer.input_layernorm(hidden)
+    a = layer.self_attn(hidden_states=x, attention_mask=None, use_cache=False, **kwargs)[0]
+    norm = layer.post_attention_layernorm
+    y, h = add_rms_norm(a, hidden, norm.weight, norm.variance_epsilon)
+    return h + layer.mlp(y)
+
+
+def _run_layer(layer: nn.Module, hidden: torch.Tensor, fused_residual: bool, **kwargs: Any) -> torch.Tensor:
+    """One decoder layer: its own __call__ (HF forward and checkpointing), or `fused_layer_body` under
+    the same checkpointing function HF installed on the layer."""
+    if not (fused_residual and _residual_fusable(layer)):
+        out = layer(hidden, attention_mask=None, use_cache=False, **kwargs)
+        return out[0] if isinstance(out, tuple) else out
+    body = partial(fused_layer_body, layer, **kwargs)
+    if getattr(layer, "gradient_checkpointing", False) and layer.training and torch.is_grad_enabled():
+        return layer._gradient_checkpointing_func(body, hidden)
+    return body(hidden)
+
+
 def decoder_forward(causal: nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                     **attn_kwargs: Any) -> torch.Tensor:
     """Last hidden state of an accelerated decoder for an unpadded or packed batch.
@@ -153,10 +219,11 @@ def decoder_forward(causal: nn.Module, input_ids: torch.Tensor, position_ids: to
     if position_ids is None:
         position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
     position_embeddings = decoder.rotary_emb(hidden, position_ids)
+    acc = getattr(causal, "lorafit_acceleration", None)
+    fused_residual = bool(acc is not None and acc.fused_residual)
     for layer in decoder.layers[: decoder.config.num_hidden_layers]:
-        hidden = layer(hidden, attention_mask=None, position_ids=position_ids,
-                       position_embeddings=position_embeddings, use_cache=False, **attn_kwargs)
-        hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+        hidden = _run_layer(layer, hidden, fused_residual, position_ids=position_ids,
+                            position_embeddings=position_embeddings, **attn_kwargs)
     return decoder.norm(hidden)
 
 
@@ -180,5 +247,6 @@ def causal_lm_loss(model: nn.Module, batch: Mapping[str, Any],
         hidden = decoder_forward(causal, **inputs)
     else:
         hidden = causal.model(**inputs, use_cache=False)[0]
-    return fused_causal_lm_loss(hidden, head.weight, batch["labels"], chunk=acc.ce_chunk,
+    chunk = acc.ce_rows(head.weight.shape[0], _checkpointed(causal))
+    return fused_causal_lm_loss(hidden, head.weight, batch["labels"], chunk=chunk,
                                 num_items_in_batch=num_items_in_batch)

@@ -11,6 +11,12 @@ What it needs: the same batch shapes every step (fixed-length rows, or packs mad
 whose learning-rate tensor a schedule updates in place (`group["lr"].fill_(new_lr)`).
 Warm-up steps run before capture (CUDA libraries allocate lazily) and are undone: parameters and
 optimizer state are restored, so the first replayed step is the first training step.
+
+Memory: the copy of the trainable parameters and optimizer state taken before the warm-up is kept in
+host memory (`host_snapshot=True`, the default) and dropped before capture, so the warm-up and the
+capture peak no higher than an eager step. `host_snapshot=False` keeps the copy on the device, as
+earlier versions did (for LoRA r16 on Llama-3-8B: 41.9M float32 parameters, 0.16 GiB more at the peak).
+`memory` records the peak allocated bytes after the warm-up and after the capture.
 """
 from __future__ import annotations
 
@@ -29,13 +35,13 @@ class CudaGraphStep:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, example_batch: Mapping[str, Any], *,
                  loss_fn: Callable[[nn.Module, Mapping[str, Any]], torch.Tensor] = causal_lm_loss,
-                 max_grad_norm: float = 1.0, warmup_steps: int = 3) -> None:
+                 max_grad_norm: float = 1.0, warmup_steps: int = 3, host_snapshot: bool = True) -> None:
         if not all(g.get("capturable", False) for g in optimizer.param_groups):
             raise ValueError("CudaGraphStep needs an optimizer built with capturable=True")
         self.model, self.optimizer, self.loss_fn, self.max_grad_norm = model, optimizer, loss_fn, max_grad_norm
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
         self.static = {k: v.clone() if torch.is_tensor(v) else v for k, v in example_batch.items()}
-        saved = self._snapshot()
+        saved = self._snapshot("cpu" if host_snapshot else None)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -44,10 +50,14 @@ class CudaGraphStep:
                 self._body()
         torch.cuda.current_stream().wait_stream(side)
         self._restore(saved)
+        del saved
         optimizer.zero_grad(set_to_none=True)
+        self.memory = {"warmup_peak_bytes": torch.cuda.max_memory_allocated()}
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.loss = self._body()
+        self.memory["capture_peak_bytes"] = torch.cuda.max_memory_allocated()
+        self.memory["after_capture_bytes"] = torch.cuda.memory_allocated()
 
     def _body(self) -> torch.Tensor:
         loss = self.loss_fn(self.model, self.static)
@@ -57,10 +67,14 @@ class CudaGraphStep:
         self.optimizer.step()
         return loss.detach()
 
-    def _snapshot(self) -> tuple[list[torch.Tensor], dict[int, dict[str, torch.Tensor]]]:
-        state = {id(p): {k: v.clone() for k, v in self.optimizer.state[p].items() if torch.is_tensor(v)}
+    def _snapshot(self, device: str | None = None) -> tuple[list[torch.Tensor], dict[int, dict[str, torch.Tensor]]]:
+        """Copies of the parameters and optimizer state, on `device` (None: where they are)."""
+        def copy(t: torch.Tensor) -> torch.Tensor:
+            return t.detach().clone() if device is None else t.detach().to(device, copy=True)
+
+        state = {id(p): {k: copy(v) for k, v in self.optimizer.state[p].items() if torch.is_tensor(v)}
                  for p in self.params if p in self.optimizer.state}
-        return [p.detach().clone() for p in self.params], state
+        return [copy(p) for p in self.params], state
 
     @torch.no_grad()
     def _restore(self, saved: tuple[list[torch.Tensor], dict[int, dict[str, torch.Tensor]]]) -> None:

@@ -14,7 +14,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from .attention import varlen_attention
+from .attention import causal_attention, varlen_attention
 from .dropout import DropoutSeed
 from .lora import LoraProj, lora_group
 from .rmsnorm import rms_norm
@@ -107,12 +107,13 @@ class FusedAttention(_Fused):
     """Self-attention: fused q/k/v LoRA group, fused rotary, varlen flash for packed rows, fused o LoRA."""
 
     def __init__(self, orig: nn.Module, *, fused_lora: bool = True, fused_rope: bool = True,
-                 varlen: bool = True, shared_dropout: bool = True) -> None:
+                 varlen: bool = True, shared_dropout: bool = True, sdpa_backend: str | None = None) -> None:
         super().__init__()
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = orig.q_proj, orig.k_proj, orig.v_proj, orig.o_proj
         _copy_attrs(self, orig, ("config", "layer_idx", "head_dim", "num_key_value_groups", "scaling",
                                  "attention_dropout", "is_causal", "sliding_window", "layer_type"))
         self.fused_lora, self.fused_rope, self.varlen, self.shared_dropout = fused_lora, fused_rope, varlen, shared_dropout
+        self.sdpa_backend = sdpa_backend
         self._eager = getattr(sys.modules[type(orig).__module__], "eager_attention_forward", None)
         self._keep_reference(orig)
 
@@ -133,6 +134,9 @@ class FusedAttention(_Fused):
         cu = kwargs.get("cu_seq_lens_q")
         if self.varlen and cu is not None and b == 1 and getattr(self, "sliding_window", None) is None:
             o = varlen_attention(q[0], k[0], v[0], cu, int(kwargs["max_length_q"]), self.scaling)
+        elif self._pinned_sdpa(attention_mask, s, cu):
+            o = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.scaling,
+                                 self.sdpa_backend)
         else:
             extra = {"sliding_window": self.sliding_window} if hasattr(self, "sliding_window") else {}
             rest = {key: val for key, val in kwargs.items() if key not in ("cache", "past_key_values")}
@@ -143,6 +147,13 @@ class FusedAttention(_Fused):
         o = o.reshape(b, s, -1)
         return project(o, (self.o_proj,), self.fused_lora, self.shared_dropout, self.dropout_seed,
                        4 * self.dropout_site + 1)[0], None
+
+
+    def _pinned_sdpa(self, attention_mask: torch.Tensor | None, s: int, cu: torch.Tensor | None) -> bool:
+        """Whether this call is plain causal attention that `causal_attention` can take with a pinned kernel."""
+        return (self.sdpa_backend is not None and attention_mask is None and cu is None and s > 1
+                and getattr(self, "sliding_window", None) is None and getattr(self, "is_causal", True)
+                and (not self.training or not self.attention_dropout))
 
 
 class FusedMLP(_Fused):
