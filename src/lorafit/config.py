@@ -100,7 +100,11 @@ class TrainConfig:
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory.")
     packing: bool = _f(False, "Padding-free packing of examples into one row (GPU speed path).")
     fused_kernels: bool = _f(False, "Use lorafit's fused LoRA kernels where available (GPU speed path).")
-    distributed: str = _f("auto", "Under torchrun: 'ddp' or 'auto' (DDP: the frozen base is replicated, only LoRA gradients are all-reduced).")
+    distributed: str = _f("auto", "Under torchrun: 'ddp' (the frozen base is replicated on every GPU, only LoRA gradients "
+                          "are all-reduced), 'fsdp' (FSDP2: every weight, the frozen base included, is sharded over "
+                          "the GPUs and gathered one decoder layer at a time; for a base that does not fit one GPU) or "
+                          "'auto': FSDP when the base's parameters take more than 60% of one GPU's memory, else DDP; "
+                          "always DDP on CPU.")
     # --- resolved at run time (written to the run's config.yaml, ignored on input) -------------
     effective_warmup_steps: int | None = _f(None, "Resolved: warmup steps actually used (see warmup rule).", resolved=True)
     total_steps: int | None = _f(None, "Resolved: optimizer steps of the run.", resolved=True)
@@ -159,8 +163,10 @@ class TrainConfig:
                 bad("augment", f"unknown augmentation {a!r}; expected some of {AUGMENTATIONS[1:]}")
         if self.general_ratio > 0 and not self.general_data:
             bad("general_ratio", "is > 0 but general_data lists no files")
-        if self.distributed not in ("auto", "ddp"):
-            bad("distributed", f"must be auto or ddp, got {self.distributed!r} (FSDP sharding is not implemented yet)")
+        if self.distributed not in ("auto", "ddp", "fsdp"):
+            bad("distributed", f"must be auto, ddp or fsdp, got {self.distributed!r}")
+        if self.distributed == "fsdp" and self.fused_kernels:
+            bad("fused_kernels", "is not supported with distributed: fsdp (set one of them differently)")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             bad("device", f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         return self

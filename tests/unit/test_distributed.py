@@ -1,6 +1,10 @@
-"""Two processes on CPU (gloo) through torchrun: the same code path as N GPUs with NCCL."""
+"""Two processes on CPU (gloo) through torchrun: the same code path as N GPUs with NCCL.
+
+DDP and FSDP2 (fully_shard on a CPU device mesh) both run here; checkpoints move between them.
+"""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -46,6 +50,7 @@ def test_ddp_two_processes_match_one(tmp_path, tiny_model_dir):
     losses = lambda L: [(r["step"], round(r.get("loss", r.get("eval_loss")), 4)) for r in L if r["type"] in ("train", "eval")]
     assert losses(la) == losses(lb)  # only rank 0 writes: no duplicated records
     assert lb[0]["world_size"] == 2
+    assert lb[0]["distributed"] == "ddp"  # auto on CPU
 
 
 @pytest.mark.slow
@@ -73,3 +78,116 @@ def test_killed_two_process_run_resumes_on_one(tmp_path, tiny_model_dir):
     wb = load_file(str(tmp_path / "cut" / "adapter" / "adapter_model.safetensors"))
     for k in wa:
         assert torch.allclose(wa[k], wb[k], atol=1e-5), k
+
+
+def _losses(run):
+    recs = [json.loads(l) for l in (run / "log.jsonl").read_text().splitlines()]
+    return recs, [(r["type"], r["step"], r.get("loss", r.get("eval_loss"))) for r in recs if r["type"] in ("train", "eval")]
+
+
+def _same_adapter(a, b, atol=1e-5):
+    wa = load_file(str(a / "adapter" / "adapter_model.safetensors"))
+    wb = load_file(str(b / "adapter" / "adapter_model.safetensors"))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], atol=atol), k
+
+
+@pytest.mark.slow
+def test_fsdp_two_processes_match_one(tmp_path, tiny_model_dir):
+    # eval_batch_size 5 on 12 validation examples: rank 0 gets 2 batches, rank 1 one (plus a dummy,
+    # since FSDP's forward is collective); early stopping on: the best adapter is gathered and saved;
+    # l2_penalty: its gradient is added to the sharded grads instead of the loss.
+    kw = dict(eval_batch_size=5, early_stopping_patience=3, l2_penalty=0.01)
+    one = _cfg(tmp_path, tiny_model_dir, "one", **kw)
+    two = _cfg(tmp_path, tiny_model_dir, "fsdp", distributed="fsdp", **kw)
+    _run([str(one)])
+    _run([str(two)], nproc=2)
+    _same_adapter(tmp_path / "one", tmp_path / "fsdp")
+    (ra, la), (rb, lb) = _losses(tmp_path / "one"), _losses(tmp_path / "fsdp")
+    assert [x[:2] for x in la] == [x[:2] for x in lb]
+    for x, y in zip(la, lb):
+        assert abs(x[2] - y[2]) <= 1e-5 * abs(x[2]), (x, y)
+    assert rb[0]["world_size"] == 2 and rb[0]["distributed"] == "fsdp"
+    from peft import PeftModel  # the adapter is the ordinary PEFT format
+
+    from lorafit.model import load_model
+    PeftModel.from_pretrained(load_model(tiny_model_dir, device="cpu"), str(tmp_path / "fsdp" / "adapter"))
+
+
+def _continue_from(src, step, dst):
+    """A run folder holding `src`'s log and its checkpoint `step` only: a run interrupted there."""
+    (dst / "checkpoints").mkdir(parents=True)
+    shutil.copytree(src / "checkpoints" / f"step-{step}", dst / "checkpoints" / f"step-{step}")
+    shutil.copy(src / "log.jsonl", dst / "log.jsonl")
+
+
+@pytest.mark.slow
+def test_checkpoints_move_between_fsdp_and_one_process(tmp_path, tiny_model_dir):
+    """1 process -> FSDP on 2 -> 1 process again ends where an uninterrupted run ends."""
+    kw = dict(max_steps=8, save_total_limit=10)
+    ref = _cfg(tmp_path, tiny_model_dir, "ref", **kw)
+    _run([str(ref)])
+    _continue_from(tmp_path / "ref", 2, tmp_path / "mid")
+    _run([str(_cfg(tmp_path, tiny_model_dir, "mid", distributed="fsdp", **kw))], nproc=2)
+    _same_adapter(tmp_path / "ref", tmp_path / "mid")
+    _continue_from(tmp_path / "mid", 6, tmp_path / "end")  # step-6 written by the FSDP ranks
+    _run([str(_cfg(tmp_path, tiny_model_dir, "end", **kw))])
+    _same_adapter(tmp_path / "ref", tmp_path / "end")
+    for run in ("mid", "end"):
+        recs, losses = _losses(tmp_path / run)
+        assert any(r.get("event") == "resume" for r in recs)
+        ref_losses = _losses(tmp_path / "ref")[1]
+        assert [x[:2] for x in losses] == [x[:2] for x in ref_losses]
+        for x, y in zip(losses, ref_losses):
+            assert abs(x[2] - y[2]) <= 1e-5 * abs(y[2]), (run, x, y)
+
+
+def test_auto_strategy_rule(monkeypatch):
+    from types import SimpleNamespace
+
+    from lorafit.training import dist
+
+    assert dist.choose("auto", 10 ** 12, torch.device("cpu")) == "ddp"  # CPU: always DDP
+    assert dist.choose("fsdp", 1, torch.device("cpu")) == "fsdp"
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(total_memory=80 * 2 ** 30))
+    gpu = torch.device("cuda", 0)
+    assert dist.choose("auto", 16 * 2 ** 30, gpu) == "ddp"  # an 8B model in bf16 fits an 80 GiB card
+    assert dist.choose("auto", 60 * 2 ** 30, gpu) == "fsdp"
+    assert dist.choose("ddp", 60 * 2 ** 30, gpu) == "ddp"
+
+
+def test_distributed_config_values(tmp_path):
+    from lorafit.config import load_config
+    from lorafit.errors import ConfigError
+
+    p = tmp_path / "c.yaml"
+    for ok in ("auto", "ddp", "fsdp"):
+        p.write_text(f"model: org/m\ndata: a.json\ndistributed: {ok}\n")
+        assert load_config(p).distributed == ok
+    p.write_text("model: org/m\ndata: a.json\ndistributed: zero3\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert e.value.field == "distributed" and e.value.line == 3
+    p.write_text("model: org/m\ndata: a.json\ndistributed: fsdp\nfused_kernels: true\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert e.value.field == "fused_kernels"
+
+
+@pytest.mark.slow
+def test_bench_dist_cpu_smoke(tmp_path):
+    """benchmarks/bench_dist.py's driver, 2 processes FSDP on CPU: runs, and each rank holds half the weights."""
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_dist.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, str(script), "--sweep", "2", "--strategy", "fsdp", "--device", "cpu",
+                        "--model", "smollm2-135m", "--steps", "1", "--warmup", "0", "--length", "16",
+                        "--out", str(tmp_path)], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = json.loads((tmp_path / "dist-smollm2-135m-n2.json").read_text())["runs"]["fsdp"]
+    assert run["world_size"] == 2 and run["tokens_per_s"] > 0
+    full = run["params"] * 4 / 2 ** 30  # float32 on CPU
+    assert all(abs(g - full / 2) < 0.01 * full for g in run["param_gib_per_rank"])
+    assert (tmp_path / "dist-smollm2-135m-summary.json").is_file()

@@ -1,6 +1,11 @@
 """Crash-safe checkpoints: written under a temporary name, fsynced, renamed into place, with a
 manifest of sha256 sums written last. A folder without a valid manifest (a kill -9 mid-write, a
 bit flip, a truncated file) is skipped with a warning and never loaded.
+
+The on-disk format does not depend on how the run was distributed: under FSDP the sharded LoRA
+weights and optimizer moments are gathered to full tensors first (`trainable_state`,
+`optimizer_state`, collectives that every rank calls) and sliced back on load, so a checkpoint
+written by 2 FSDP processes resumes on 1 process or under DDP, and the other way round.
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import TrainingError
+from . import dist
 
 MANIFEST = "manifest.json"
 PREFIX = "step-"
@@ -69,14 +75,38 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().to("cpu").contiguous().clone() for n, p in model.named_parameters() if p.requires_grad}
+    """Full CPU copies of the trainable (LoRA) weights; under FSDP a collective: call on every rank."""
+    return {n: dist.full_tensor(p.detach()).to("cpu").contiguous().clone()
+            for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(ckpt_root: Path, step: int, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    state: dict[str, Any], keep: int) -> Path:
-    """Write checkpoint `step-N` atomically and prune to the last `keep`; never a non-finite weight."""
-    weights = trainable_state(model)
-    bad = next((n for n, t in weights.items() if not torch.isfinite(t).all()), None)
+def optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """`optimizer.state_dict()` with sharded moments gathered (a collective under FSDP)."""
+    sd = optimizer.state_dict()
+    sd["state"] = {i: {k: dist.full_tensor(v).to("cpu") if torch.is_tensor(v) else v for k, v in s.items()}
+                   for i, s in sorted(sd["state"].items())}
+    return sd
+
+
+def first_nonfinite(weights: dict[str, torch.Tensor]) -> str | None:
+    return next((n for n, t in weights.items() if not torch.isfinite(t).all()), None)
+
+
+def save_checkpoint(ckpt_root: Path, step: int, *, model: torch.nn.Module | None = None,
+                    optimizer: torch.optim.Optimizer | None = None, state: dict[str, Any], keep: int,
+                    weights: dict[str, torch.Tensor] | None = None, optim_state: dict[str, Any] | None = None) -> Path:
+    """Write checkpoint `step-N` atomically and prune to the last `keep`; never a non-finite weight.
+
+    `weights` / `optim_state` (from `trainable_state` / `optimizer_state`, gathered on every rank
+    beforehand) replace reading `model` / `optimizer` here, which under FSDP only rank 0 reaches.
+    """
+    if weights is None:
+        assert model is not None
+        weights = trainable_state(model)
+    if optim_state is None:
+        assert optimizer is not None
+        optim_state = optimizer.state_dict()
+    bad = first_nonfinite(weights)
     if bad is not None:
         raise TrainingError(f"non-finite values in adapter weight {bad}; refusing to save checkpoint step-{step}")
     ckpt_root.mkdir(parents=True, exist_ok=True)
@@ -86,7 +116,7 @@ def save_checkpoint(ckpt_root: Path, step: int, *, model: torch.nn.Module, optim
     tmp = ckpt_root / f".tmp-{PREFIX}{step}-{os.getpid()}"
     tmp.mkdir()
     save_file(weights, str(tmp / "trainable.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(optim_state, tmp / "optimizer.pt")
     torch.save(rng_state(), tmp / "rng.pt")
     (tmp / "state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
     files = {}
@@ -142,6 +172,7 @@ def latest_valid(ckpt_root: Path) -> Path | None:
 
 
 def load_checkpoint(ckpt: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Every rank reads the full tensors and keeps its slice where the model is sharded (FSDP)."""
     weights = load_file(str(ckpt / "trainable.safetensors"))
     params = dict(model.named_parameters())
     missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
@@ -149,18 +180,31 @@ def load_checkpoint(ckpt: Path, *, model: torch.nn.Module, optimizer: torch.opti
         raise RuntimeError(f"checkpoint {ckpt} lacks {missing[0]} (different LoRA settings?)")
     with torch.no_grad():
         for n, t in weights.items():
-            params[n].copy_(t.to(params[n].device, params[n].dtype))
+            params[n].copy_(dist.shard_like(t.to(params[n].dtype), params[n]))
     optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=False))
+    for group in optimizer.param_groups:  # moments of a sharded parameter: keep this rank's slice
+        for p in group["params"]:
+            st = optimizer.state.get(p, {})
+            for k, v in st.items():
+                if torch.is_tensor(v) and v.dim() > 0:
+                    st[k] = dist.shard_like(v, p)
     set_rng_state(torch.load(ckpt / "rng.pt", weights_only=False))
     return json.loads((ckpt / "state.json").read_text(encoding="utf-8"))
 
 
-def save_adapter_atomic(model: Any, out: Path) -> None:
-    """Save the PEFT adapter into `out` via a temporary folder and rename, never half-written."""
+def save_adapter_atomic(model: Any, out: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """Save the PEFT adapter into `out` via a temporary folder and rename, never half-written.
+
+    `state_dict`: the full trainable weights (`trainable_state`) when the model is sharded, since
+    PEFT would otherwise read the DTensor shards; the files written are the same either way.
+    """
     tmp = out.with_name(f".{out.name}.tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    model.save_pretrained(str(tmp), safe_serialization=True)
+    if state_dict is None:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+    else:
+        model.save_pretrained(str(tmp), safe_serialization=True, state_dict=state_dict)
     for f in tmp.iterdir():
         _fsync_file(f)
     old = out.with_name(f".{out.name}.old")

@@ -1,13 +1,27 @@
-"""torch.distributed glue for `torchrun`: DDP over N processes (NCCL on GPUs, gloo on CPU).
-Single-process runs use the same code with world size 1."""
+"""torch.distributed glue for `torchrun`: DDP or FSDP2 over N processes (NCCL on GPUs, gloo on CPU).
+Single-process runs use the same code with world size 1.
+
+DDP replicates the whole model on every rank and all-reduces the LoRA gradients. FSDP2
+(`torch.distributed.fsdp.fully_shard`) shards every parameter, the frozen base included, over the
+ranks as DTensors and all-gathers one decoder layer at a time for its forward and backward: the
+answer for a base model that does not fit one GPU. Under FSDP, forward is a collective (every rank
+must call it the same number of times) and reading a parameter's full value is one too, so
+everything that looks at the weights (checkpoints, the adapter, the finite check) goes through
+`full_state` on every rank and only then lets rank 0 write.
+"""
 from __future__ import annotations
 
 import os
-from contextlib import nullcontext
-from typing import Any, ContextManager
+from contextlib import contextmanager, nullcontext
+from typing import Any, ContextManager, Iterator
 
 import torch
 import torch.distributed as dist
+
+STRATEGIES = ("auto", "ddp", "fsdp")
+# `auto` picks FSDP when the model's parameters take more than this share of one GPU's memory: the
+# rest is needed for activations, LoRA gradients and optimizer state, and the CUDA context.
+FSDP_ABOVE = 0.6
 
 
 def world() -> tuple[int, int, int]:
@@ -32,26 +46,119 @@ def all_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
+def all_max(value: int, device: torch.device) -> int:
+    if world()[2] == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
 def barrier() -> None:
     if world()[2] > 1:
         dist.barrier()
 
 
+def model_bytes(model: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def choose(requested: str, n_bytes: int, device: torch.device) -> str:
+    """Resolve `distributed`: 'auto' is DDP unless the parameters exceed FSDP_ABOVE of one GPU's memory.
+
+    On CPU 'auto' is always DDP: there is no device memory to run out of, only host RAM.
+    """
+    if requested != "auto":
+        return requested
+    if device.type != "cuda":
+        return "ddp"
+    total = torch.cuda.get_device_properties(device).total_memory
+    return "fsdp" if n_bytes > FSDP_ABOVE * total else "ddp"
+
+
 def wrap(model: torch.nn.Module, strategy: str, device: torch.device) -> torch.nn.Module:
-    """Wrap for data parallelism: DDP (the frozen model is replicated; only LoRA gradients are reduced)."""
+    """Wrap for data parallelism. DDP: the frozen model is replicated, only LoRA gradients are reduced.
+    FSDP: `fully_shard` every decoder layer, then the root (embeddings, final norm, output head).
+
+    FSDP moves each shard to `device`, so the model may arrive on the CPU: a base that does not fit
+    one GPU never has to be there whole. Returns the same module object for FSDP (it is changed in
+    place) and a DDP wrapper otherwise; with one process, the model unchanged.
+    """
     if world()[2] == 1:
         return model
+    if strategy == "fsdp":
+        return _fully_shard(model, device)
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     ids = [device.index] if device.type == "cuda" else None
-    return DDP(model, device_ids=ids)
+    return DDP(model.to(device), device_ids=ids)
+
+
+def _fully_shard(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (world()[2],))
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    # A transformers model names its repeated block (LlamaDecoderLayer, ...): the unit FSDP gathers.
+    blocks = set(getattr(base, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in blocks]
+    if not layers:
+        from ..errors import TrainingError
+
+        raise TrainingError(f"FSDP: no decoder layer found in {type(base).__name__} (no _no_split_modules)")
+    for layer in layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
 
 
 def no_sync(model: torch.nn.Module, last: bool) -> ContextManager[Any]:
-    """Skip DDP's gradient all-reduce on all but the last micro-batch of an accumulation window."""
-    if not last and hasattr(model, "no_sync"):
+    """Skip the gradient reduction on all but the last micro-batch of an accumulation window
+    (DDP's `no_sync`; FSDP2's `set_requires_gradient_sync(False)`, which keeps unsharded grads)."""
+    if last:
+        return nullcontext()
+    if hasattr(model, "no_sync"):
         return model.no_sync()
+    if hasattr(model, "set_requires_gradient_sync"):
+        return _fsdp_no_sync(model)
     return nullcontext()
+
+
+@contextmanager
+def _fsdp_no_sync(model: Any) -> Iterator[None]:
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole value of a (possibly sharded) tensor; a collective for a DTensor."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`full` laid out like `like`: this rank's slice when `like` is a DTensor (no communication)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if not isinstance(like, DTensor) or full.shape != like.shape:
+        return full.to(like.device)
+    return distribute_tensor(full.to(like.device), like.device_mesh, like.placements, src_data_rank=None)
+
+
+def as_float(t: torch.Tensor | float) -> float:
+    """A plain float from a gradient norm (clip_grad_norm_ returns a replicated DTensor under FSDP)."""
+    return float(full_tensor(t)) if torch.is_tensor(t) else float(t)
 
 
 def cleanup() -> None:

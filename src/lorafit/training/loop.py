@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from .. import data as D
 from ..config import TrainConfig, save_config
 from ..errors import ConfigError, TrainingError
-from ..model import apply_lora, assert_finite, load_model, load_tokenizer, pick_device
+from ..model import apply_lora, assert_finite, load_model, load_tokenizer, pick_device, pick_dtype
 from . import checkpoint as C
 from . import dist
 from .schedule import lr_at
@@ -89,12 +89,16 @@ def evaluate_loss(model: torch.nn.Module, enc: D.Encoded, batch_size: int, pad_i
     rank, _, ws = dist.world()
     total, count = 0.0, 0
     order = sorted(range(len(enc.input_ids)), key=lambda i: len(enc.input_ids[i]))  # less padding
-    for s in range(rank * batch_size, len(order), batch_size * ws):
-        idx = order[s:s + batch_size]
+    starts = list(range(rank * batch_size, len(order), batch_size * ws))
+    # FSDP's forward is a collective: a rank with fewer batches runs dummies (loss discarded).
+    rounds = len(range(0, len(order), batch_size * ws)) if dist.is_sharded(model) else len(starts)
+    for j in range(rounds):
+        idx = order[starts[j]:starts[j] + batch_size] if j < len(starts) else order[:batch_size]
         b = D.collate([enc.input_ids[i] for i in idx], [enc.labels[i] for i in idx], pad_id)
         l, n = loss_sum(model, b, device)
-        total += l.item()
-        count += n
+        if j < len(starts):
+            total += l.item()
+            count += n
     total, count = dist.all_sum([total, float(count)], device)
     model.train(was_training)
     return total / max(count, 1)
@@ -214,7 +218,17 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    base = load_model(cfg.model, device=str(device), dtype=cfg.dtype)
+    # Under torchrun the base is loaded on the CPU first: its size decides `distributed: auto`, and
+    # FSDP moves only each rank's shard to the GPU (a base too big for one GPU is never there whole).
+    dtype = str(pick_dtype(cfg.dtype, device)).split(".")[-1]
+    base = load_model(cfg.model, device="cpu" if ws > 1 else str(device), dtype=dtype)
+    strategy = dist.choose(cfg.distributed, dist.model_bytes(base), device) if ws > 1 else "none"
+    if strategy == "fsdp" and cfg.fused_kernels:
+        raise ConfigError("fused_kernels is not supported under FSDP (chosen for a model of "
+                          f"{dist.model_bytes(base) / 2**30:.1f} GiB); set fused_kernels: false or distributed: ddp",
+                          field="fused_kernels")
+    if strategy != "fsdp":
+        base.to(device)
     if cfg.gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = apply_lora(base, cfg)
@@ -223,10 +237,11 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
 
         model = accelerate_model(model)
     peft_model = model
+    model = dist.wrap(model, strategy, device)  # before the optimizer: FSDP replaces the parameters
+    sharded = dist.is_sharded(model)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                             eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
-    model = dist.wrap(model, cfg.distributed, device)
 
     # --- resume or start
     lock = lock_output_dir(out) if dist.is_main() else None  # held until the run ends
@@ -249,7 +264,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
                     "effective_warmup_steps": cfg.effective_warmup_steps, "train_examples": len(enc.input_ids),
                     "general_examples": datasets.n_general, "truncated_examples": enc.n_truncated,
                     "val_sets": {k: len(v.input_ids) for k, v in val_enc.items()}, "world_size": ws,
-                    "device": str(device)})
+                    "distributed": strategy, "device": str(device)})
     log.info("effective warmup: %d of %d steps (max(warmup_steps=%d, ceil(%.3g x %d)))",
              cfg.effective_warmup_steps, total, cfg.warmup_steps, cfg.warmup_ratio, total)
     log.info("%d training examples (%d general), %d truncated to max_length=%d", len(enc.input_ids),
@@ -271,8 +286,10 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
         cur = last_eval[monitor]
         if state["best_loss"] is None or cur < state["best_loss"]:
             state.update(best_loss=cur, best_step=step, bad_evals=0)
-            if cfg.early_stopping_patience and dist.is_main() and step > 0:
-                C.save_adapter_atomic(peft_model, out / "best-adapter")
+            if cfg.early_stopping_patience and step > 0:
+                full = C.trainable_state(peft_model) if sharded else None  # a collective under FSDP
+                if dist.is_main():
+                    C.save_adapter_atomic(peft_model, out / "best-adapter", full)
         else:
             state["bad_evals"] += 1
         return bool(cfg.early_stopping_patience) and state["bad_evals"] >= cfg.early_stopping_patience
@@ -304,14 +321,20 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
             with dist.no_sync(model, last=j == len(mine) - 1):
                 lsum, _ = loss_sum(model, batch, device, cfg.fused_kernels)
                 loss = lsum * (ws / max(denom, 1))
-                if cfg.l2_penalty and j == len(mine) - 1:
+                if cfg.l2_penalty and j == len(mine) - 1 and not sharded:
                     # Classic L2: a penalty term in the loss (unlike AdamW's decoupled decay).
                     loss = loss + cfg.l2_penalty * sum((p.float() ** 2).sum() for p in params)
                 loss.backward()
             step_loss += lsum.detach().item()
             acc_tokens += int(batch["attention_mask"].sum())
+        if cfg.l2_penalty and sharded:  # the penalty's gradient, added once to the reduced shards
+            with torch.no_grad():
+                for p in params:
+                    if p.grad is not None:
+                        p.grad.add_(p.detach(), alpha=2 * cfg.l2_penalty)
         step_loss = dist.all_sum([step_loss], device)[0] / max(denom, 1)
-        gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")))
+        gnorm = dist.as_float(torch.nn.utils.clip_grad_norm_(
+            params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")))
         if not (math.isfinite(step_loss) and math.isfinite(gnorm)):
             opt.zero_grad(set_to_none=True)
             state["nonfinite_run"] += 1
@@ -350,8 +373,10 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
             state.update(step=done, acc_loss=acc_loss, acc_steps=acc_steps)
             logf.sync()
             state["log_lines"] = logf.lines
+            full, full_opt = (C.trainable_state(peft_model), C.optimizer_state(opt)) if sharded else (None, None)
             if dist.is_main():
-                C.save_checkpoint(ckpt_root, done, model=peft_model, optimizer=opt, state=state, keep=cfg.save_total_limit)
+                C.save_checkpoint(ckpt_root, done, model=peft_model, optimizer=opt, state=state, keep=cfg.save_total_limit,
+                                  weights=full, optim_state=full_opt)
             dist.barrier()
         if stop:
             stopped_early = True
@@ -362,14 +387,20 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
         bar.close()
 
     # --- save: never a non-finite adapter; early stopping restores the best one
+    full = C.trainable_state(peft_model) if sharded else None  # a collective under FSDP
     if dist.is_main():
-        assert_finite(peft_model)
+        if full is None:
+            assert_finite(peft_model)
+        elif (bad := C.first_nonfinite(full)) is not None:
+            raise TrainingError(f"non-finite values in adapter weight {bad}; refusing to save/merge")
         if cfg.early_stopping_patience and (out / "best-adapter").is_dir():
             if (out / "adapter").exists():
                 shutil.rmtree(out / "adapter")
             os.replace(out / "best-adapter", out / "adapter")
-        else:
+        elif full is None:
             C.save_adapter_atomic(peft_model, out / "adapter")
+        else:
+            C.save_adapter_atomic(peft_model, out / "adapter", full)
         logf.write({"type": "event", "step": step + 1 if total > start else start, "event": "end",
                     "best_step": state["best_step"], "best_loss": state["best_loss"], "final_eval": last_eval})
         logf.sync()
