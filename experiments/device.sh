@@ -22,7 +22,7 @@ case "$1" in
     # CPU cores 16+ so benchmarks timed meanwhile on GPU 0 keep cores 0-15 to themselves.
     mkdir -p /tmp/res
     PYTHONPATH=/tmp/site:$PWD/src OMP_NUM_THREADS=2 setsid nohup taskset -c 16-63 python3 experiments/run.py \
-      bitext forgetting huatuo e2e --jobs 8 --gpus "$2" --model $GGUF --data $X/data --device cuda \
+      bitext forgetting huatuo e2e diagnosis --jobs 13 --gpus "$2" --model $GGUF --data $X/data --device cuda \
       --results /tmp/res --eval-samples 100 --max-new-tokens 128 --set eval_batch_size=32 \
       > /tmp/res/driver.log 2>&1 < /dev/null &
     sleep 5; cat /tmp/res/driver.log ;;

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from lorafit import api as lorafit  # the API functions (lorafit.evaluate etc. are also subpackages)
+from lorafit.errors import TrainingError
 from lorafit.model import builtin_model_path
 
 HERE = Path(__file__).resolve().parent
@@ -56,10 +57,14 @@ def experiments(d: Path) -> dict[str, list[tuple[str, dict]]]:
         "huatuo": [("huatuo", {"data": [str(d / "huatuo/train.json")], "val_data": {"heldout": str(d / "huatuo/heldout.json")},
                                "general_eval": str(d / "general/belle.json"), "max_length": 1024, "eval_steps": 50,
                                "logging_steps": 10, "save_steps": 500})],
-        # issue 4's real runs: a too-high LR and many epochs on 100 examples must be diagnosed; a healthy run must not
+        # issue 4's real runs: a too-high LR and many epochs on 100 examples must be diagnosed; a healthy run must not.
+        # The LR runs drop warmup and clipping (the safety nets) and differ from each other only in the LR.
         "diagnosis": [
-            ("diag-lr1e-3", {**_no_general(dom), "learning_rate": 1e-3, "num_epochs": 2, "eval_steps": 25, "_eval": False}),
-            ("diag-overfit", {**_no_general(dom), "max_samples": 100, "num_epochs": 20, "eval_steps": 50, "_eval": False}),
+            *[(f"diag-lr{lr}", {**_no_general(dom), "max_samples": 200, "learning_rate": float(lr), "warmup_steps": 0,
+                                "warmup_ratio": 0.0, "max_grad_norm": 0.0, "eval_steps": 25, "logging_steps": 2,
+                                "_eval": False}) for lr in ("1e-4", "1e-3", "1e-2")],
+            ("diag-overfit", {**_no_general(dom), "max_samples": 100, "num_epochs": 20, "eval_steps": 25,
+                              "logging_steps": 2, "_eval": False}),
             ("diag-healthy", {**_no_general(dom), "num_epochs": 2, "eval_steps": 25, "_eval": False}),
         ],
         # 4: the LoRA paper's E2E benchmark: train on dev (2,000 rows, 2 epochs at the paper's batch 8 and
@@ -67,7 +72,8 @@ def experiments(d: Path) -> dict[str, list[tuple[str, dict]]]:
         "e2e": [("e2e", {"data": [str(d / "e2e/train.json")], "max_samples": 2000, "num_epochs": 2,
                          "batch_size": 8, "learning_rate": 2e-4,
                          "val_data": {"test": str(d / "e2e/test.json")}, "max_eval_samples": 600, "max_length": 128,
-                         "eval_steps": 250, "logging_steps": 10, "save_steps": 1000, "max_new_tokens": 64})],
+                         "eval_steps": 250, "logging_steps": 10, "save_steps": 1000, "max_new_tokens": 64,
+                         "_eval_samples": 0})],  # 0: every meaning representation of the test split
     }
 
 
@@ -75,12 +81,17 @@ def run_one(name: str, cfg: dict, *, model: str, device: str, results: Path, eva
             max_new_tokens: int, keep_adapter: bool) -> dict:
     out = results / "runs" / name
     do_eval = cfg.pop("_eval", True)
+    eval_samples = cfg.pop("_eval_samples", eval_samples)
     cfg = {"model": model, "output_dir": str(out), "device": device, **cfg}
     t0 = time.time()
-    res = lorafit.train(cfg, progress=False)
+    try:
+        res = lorafit.train(cfg, progress=False)
+        steps, stopped_early, error = res.steps, res.stopped_early, None
+    except TrainingError as e:  # a diverged run is evidence too: diagnose what it logged
+        steps, stopped_early, error, do_eval = None, False, str(e), False
     t_train = time.time() - t0
     mnt = cfg.get("max_new_tokens", max_new_tokens)
-    metrics = (lorafit.evaluate(out, max_new_tokens=mnt, max_samples=eval_samples, batch_size=50, device=device)
+    metrics = (lorafit.evaluate(out, max_new_tokens=mnt, max_samples=eval_samples or None, batch_size=50, device=device)
                if do_eval else None)
     # the second metric mode on the same predictions (no regeneration)
     standard = {}
@@ -93,7 +104,7 @@ def run_one(name: str, cfg: dict, *, model: str, device: str, results: Path, eva
     evals = [r for r in recs if r["type"] == "eval"]
     summary = {
         "name": name, "config": {k: v for k, v in cfg.items() if k not in ("model",)},
-        "steps": res.steps, "train_seconds": round(t_train, 1), "stopped_early": res.stopped_early,
+        "steps": steps, "train_seconds": round(t_train, 1), "stopped_early": stopped_early, "error": error,
         "tokens_per_s": round(sum(r["tokens_per_s"] for r in train) / max(len(train), 1), 1),
         "first_train_loss": train[0]["loss"] if train else None, "final_train_loss": train[-1]["loss"] if train else None,
         "eval_loss": {s: [(r["step"], r["eval_loss"]) for r in evals if r["split"] == s] for s in {r["split"] for r in evals}},

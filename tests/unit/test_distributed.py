@@ -21,7 +21,7 @@ def _cfg(tmp_path, tiny_model_dir, name, **kw):
     cfg = {"model": tiny_model_dir, "data": [str(train)], "val_data": {"support": str(val)},
            "output_dir": str(tmp_path / name), "max_steps": 4, "max_length": 64, "batch_size": 2,
            "gradient_accumulation_steps": 2, "eval_steps": 2, "logging_steps": 1, "save_steps": 2,
-           "learning_rate": 1e-3, "lora_dropout": 0.0, "device": "cpu", **kw}
+           "learning_rate": 1e-3, "lora_dropout": 0.1, "device": "cpu", **kw}
     p = tmp_path / f"{name}.yaml"
     p.write_text(yaml.safe_dump(cfg))
     return p
@@ -58,6 +58,8 @@ def test_killed_two_process_run_resumes_on_one(tmp_path, tiny_model_dir):
     import signal
     import time
 
+    import psutil
+
     ref = _cfg(tmp_path, tiny_model_dir, "ref", max_steps=16)
     cut = _cfg(tmp_path, tiny_model_dir, "cut", max_steps=16)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -67,7 +69,14 @@ def test_killed_two_process_run_resumes_on_one(tmp_path, tiny_model_dir):
     deadline = time.time() + 240
     while not manifest.exists() and p.poll() is None and time.time() < deadline:
         time.sleep(0.02)
-    os.killpg(p.pid, signal.SIGKILL)
+    # A lost machine takes every process with it. torchrun's workers run in sessions of their own, so
+    # killing the launcher's group would leave them finishing the run: kill the whole tree at once.
+    tree = [p.pid] + [c.pid for c in psutil.Process(p.pid).children(recursive=True)]
+    for pid in tree:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     p.wait()
     assert not (tmp_path / "cut" / "adapter").exists(), "run finished before it could be killed"
     _run([str(cut)])  # same command, one process: resumes from the last checkpoint

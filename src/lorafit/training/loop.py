@@ -318,6 +318,9 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
         step_loss = 0.0
         for j, k in enumerate(mine):
             batch = stream.batch(k)
+            # Dropout masks are a function of the run's micro-batch index, not of the process: N processes
+            # draw the masks one process would, so a run's losses do not depend on the number of GPUs.
+            torch.manual_seed(cfg.seed * 1_000_003 + k)
             with dist.no_sync(model, last=j == len(mine) - 1):
                 lsum, _ = loss_sum(model, batch, device, cfg.fused_kernels)
                 loss = lsum * (ws / max(denom, 1))
