@@ -6,7 +6,7 @@ Deterministic (seeded) and written as alpaca JSON so every run reads the same fi
   bitext/unseen.json     100 examples of 4 intents never seen in training (validation set 2)
   huatuo/train.json      400, huatuo/heldout.json 100 (Chinese medical QA)
   general/dolly.json     100 Dolly open_qa (general-domain English, forgetting check)
-  general/belle.json     100 BELLE eval (general-domain Chinese, forgetting check)
+  general/belle.json     57 BELLE eval (of 100 drawn: those with a standard answer) (general-domain Chinese, forgetting check)
   general/alpaca_en.json 1000 Alpaca (general data mixed into training)
   e2e/train.json         E2E dev split (all rows), e2e/test.json test split (one row per reference)
 Usage: python experiments/prepare.py [--shared ../shared/data] [--out experiments/data]
@@ -63,7 +63,10 @@ def main() -> None:
     dump(dolly[:100], out / "general/dolly.json")
     belle = jsonl(src / "general/belle-eval-zh/eval_set.json")
     rng.shuffle(belle)
-    dump([{"instruction": b["question"], "input": "", "output": b["std_answer"]} for b in belle[:100]], out / "general/belle.json")
+    # Many BELLE eval items have no standard answer (open-ended tasks): those of the 100 drawn are dropped
+    # (lorafit refuses an empty output field), which leaves 57.
+    dump([{"instruction": b["question"], "input": "", "output": b["std_answer"]} for b in belle[:100]
+          if str(b["std_answer"]).strip()], out / "general/belle.json")
     alpaca = json.loads((src / "general/alpaca-en/alpaca_data-0-3252.json").read_text(encoding="utf-8"))
     rng.shuffle(alpaca)
     dump(alpaca[:1000], out / "general/alpaca_en.json")
@@ -74,7 +77,8 @@ def main() -> None:
             e2e = [{"instruction": E2E_PROMPT + r["mr"], "input": "", "output": r["ref"]} for r in csv.DictReader(f)]
         dump(e2e, out / f"e2e/{name}.json")
     n_mr = len({r["instruction"] for r in e2e})
-    print(f"wrote {out}: bitext 400/100/100, huatuo 400/100, dolly 100, belle 100, alpaca 1000, e2e test {n_mr} MRs")
+    n_belle = len(json.loads((out / "general/belle.json").read_text(encoding="utf-8")))
+    print(f"wrote {out}: bitext 400/100/100, huatuo 400/100, dolly 100, belle {n_belle}, alpaca 1000, e2e test {n_mr} MRs")
 
 
 if __name__ == "__main__":

@@ -34,16 +34,55 @@ def writeup_table(run: dict, domain_sets: list[str]) -> list[str]:
 
 
 def forgetting_table(runs: list[dict]) -> tuple[list[str], list[tuple[str, float, float]]]:
-    head = ["| run | Δ ROUGE-L seen | Δ ROUGE-L unseen | Δ ROUGE-L general | Δ ROUGE-1 general | general loss before → after |",
-            "|---|---:|---:|---:|---:|---|"]
+    """Domain gain against general-set degradation, each fix against the unmitigated `bitext` run."""
+    head = ["| run | Δ ROUGE-L seen | Δ ROUGE-L unseen | general loss before → after (Δ) | Δ ROUGE-L general | "
+            "degradation cut | domain gain kept |", "|---|---:|---:|---|---:|---:|---:|"]
+    ref = next(r for r in runs if r["name"] == "bitext")["metrics_llamafactory"]["sets"]
+    ref_gain, ref_deg = ref["seen"]["delta"]["rouge-l"], ref["general"]["loss_after"] - ref["general"]["loss_before"]
     pts = []
     for r in runs:
         s = r["metrics_llamafactory"]["sets"]
         g = s["general"]
-        head.append(f"| {r['name']} | {s['seen']['delta']['rouge-l']:+.2f} | {s['unseen']['delta']['rouge-l']:+.2f} | "
-                    f"{g['delta']['rouge-l']:+.2f} | {g['delta']['rouge-1']:+.2f} | {g['loss_before']:.3f} → {g['loss_after']:.3f} |")
-        pts.append((r["name"], s["seen"]["delta"]["rouge-l"], g["loss_after"] - g["loss_before"]))
+        deg = g["loss_after"] - g["loss_before"]
+        gain = s["seen"]["delta"]["rouge-l"]
+        cut = "—" if r["name"] == "bitext" else f"{100 * (1 - deg / ref_deg):.0f}%"
+        kept = "—" if r["name"] == "bitext" else f"{100 * gain / ref_gain:.0f}%"
+        head.append(f"| {r['name']} | {gain:+.2f} | {s['unseen']['delta']['rouge-l']:+.2f} | "
+                    f"{g['loss_before']:.3f} → {g['loss_after']:.3f} ({deg:+.3f}) | {g['delta']['rouge-l']:+.2f} | {cut} | {kept} |")
+        pts.append((r["name"], gain, deg))
     return head, pts
+
+
+def e2e_table(run: dict) -> list[str]:
+    """E2E beside the LoRA paper's GPT-2 M (LoRA) row: corpus BLEU and ROUGE-L, all references per MR."""
+    std, lf = run["metrics_standard"], run["metrics_llamafactory"]["sets"]["test"]
+    n = lf["n"]
+    return ["| | BLEU (corpus, sacrebleu) | ROUGE-L (rouge-score, best reference) | BLEU-4 (llamafactory) | ROUGE-L (llamafactory) |",
+            "|---|---:|---:|---:|---:|",
+            f"| SmolLM2-135M before | {std['base-test']['bleu-4']:.2f} | {std['base-test']['rouge-l']:.2f} | "
+            f"{lf['before']['bleu-4']:.2f} | {lf['before']['rouge-l']:.2f} |",
+            f"| SmolLM2-135M + LoRA (lorafit) | {std['tuned-test']['bleu-4']:.2f} | {std['tuned-test']['rouge-l']:.2f} | "
+            f"{lf['after']['bleu-4']:.2f} | {lf['after']['rouge-l']:.2f} |",
+            "| GPT-2 M + LoRA (LoRA paper, Table 3) | 70.4 | 71.8 | | |",
+            f"\n{n} meaning representations scored."]
+
+
+def diagnosis_table(runs: dict, names: list[str]) -> list[str]:
+    out = ["| run | what differs | val loss first → best (step) → last | `lorafit diagnose` |", "|---|---|---|---|"]
+    for n in names:
+        r = runs[n]
+        c = r["config"]
+        what = ", ".join(f"{k}={c[k]}" for k in ("learning_rate", "warmup_steps", "max_grad_norm", "max_samples", "num_epochs")
+                         if k in c)
+        split = next(iter(sorted(r["eval_loss"])))
+        ev = r["eval_loss"][split]
+        best = min(ev, key=lambda t: t[1])
+        diag = json.loads((Path(r["_dir"]) / "diagnosis.json").read_text())
+        fs = diag if isinstance(diag, list) else diag.get("findings", [])
+        found = "; ".join(f"{f['severity']} {f['kind']}" + (f" ({f['evidence'].get('split')}, best step {f['evidence']['best_step']})"
+                                                           if f["kind"] == "overfitting" else "") for f in fs) or "nothing"
+        out.append(f"| {n} | {what} | {ev[0][1]:.3f} → {best[1]:.3f} ({best[0]}) → {ev[-1][1]:.3f} | {found} |")
+    return out
 
 
 def plot(pts: list[tuple[str, float, float]], path: Path) -> None:
@@ -73,15 +112,24 @@ def main() -> None:
     runs = {}
     for p in sorted(res.glob("*.json")):
         runs.update(json.loads(p.read_text()))
+    for r in runs.values():
+        r["_dir"] = str(res / "runs" / r["name"])
     lines = []
     if "bitext" in runs:
-        lines += writeup_table(runs["bitext"], ["seen", "unseen"])
+        lines += ["\n### Bitext (English customer support)", *writeup_table(runs["bitext"], ["seen", "unseen"])]
+    if "huatuo" in runs:
+        lines += ["\n### Huatuo (Chinese medical QA)", *writeup_table(runs["huatuo"], ["heldout"])]
     bitext_runs = [r for n, r in runs.items() if n.startswith("bitext") and r.get("metrics_llamafactory")]
     if bitext_runs:
         t, pts = forgetting_table(bitext_runs)
-        lines += ["\n**Forgetting and its fixes** (Dolly open_qa as the general set)\n", *t]
+        lines += ["\n### Forgetting and its fixes (Dolly open_qa as the general set)\n", *t]
         Path(a.plot).parent.mkdir(parents=True, exist_ok=True)
         plot(pts, Path(a.plot))
+    if "e2e" in runs:
+        lines += ["\n### E2E NLG\n", *e2e_table(runs["e2e"])]
+    diag = [n for n in runs if n.startswith("diag-")]
+    if diag:
+        lines += ["\n### Diagnosis runs\n", *diagnosis_table(runs, diag)]
     print("\n".join(lines))
 
 

@@ -253,3 +253,13 @@ def test_generator_plants_requested_events():
     assert all(any(abs(s - p) <= L for s in f.steps) for p in run.spike_steps)
     suite = benchmark_suite(seed=1, per_kind=1, healthy=2)
     assert {k for r in suite for k in r.truth} == set(SCORED_KINDS)
+
+
+def test_overfitting_at_a_high_lr_names_the_lr():
+    over = dict(val_fn=lambda s, v: v * (1 + 0.25 * max(0, s - 1800) / 1200),
+                train_fn=lambda s, l: l * (1 - 0.2 * max(0, s - 1800) / 1200))
+    high = by_kind(diagnose_records(make_log(lr=1e-3, **over), config={**CFG, "learning_rate": 1e-3}), "overfitting")
+    assert high.config_patch["learning_rate"] == pytest.approx(1e-4)
+    assert "peak LR 0.001" in high.fix
+    usual = by_kind(diagnose_records(make_log(**over), config=CFG), "overfitting")
+    assert "learning_rate" not in usual.config_patch

@@ -93,7 +93,10 @@ def format_findings(findings: list[Finding]) -> str:
         return "No problems found: training and validation curves look healthy."
     counts = {s: sum(f.severity == s for f in findings) for s in SEVERITIES}
     head = ", ".join(f"{n} {s}" for s, n in reversed(counts.items()) if n)
-    lines = [f"Diagnosis: {head}", ""]
+    # Info items are notes about the setup (sampling noise of a small batch, a missing warmup that did no
+    # harm), not problems: a run with only notes is a healthy run and says so first.
+    problems = counts.get("warning", 0) + counts.get("critical", 0)
+    lines = [f"Diagnosis: {head}" if problems else f"No problems found ({head.replace('info', 'note' + ('s' if counts['info'] > 1 else ''))}).", ""]
     for f in sort_findings(findings):
         where = format_steps(f.steps)
         lines.append(f"[{f.severity.upper()}] {f.kind}: {f.summary}" + (f" ({where})" if where else ""))

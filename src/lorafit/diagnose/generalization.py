@@ -19,6 +19,8 @@ from .stats import mann_kendall, ols_slope, rolling_median, t_quantile
 
 OVERFIT_RISE = 0.02        # validation loss 2% above its best ...
 OVERFIT_CLEAR_RISE = 0.05  # (5% is enough on its own, even from one evaluation after the best)
+OVERFIT_GAP_GROWTH = 1.05  # ... and the train/validation gap must widen with it
+HIGH_LR_FACTOR = 5         # peak LR >= 5x the usual LoRA LR (1e-4): named as the cause of fast memorising
 OVERFIT_LEVEL_RISE = 0.015  # smaller rises must also hold between smoothed levels
 OVERFIT_CRITICAL = 0.10
 PLATEAU_REL = 0.01         # less than 1% improvement over the final stretch ...
@@ -59,8 +61,8 @@ def detect_overfitting(s: RunSeries) -> list[Finding]:
             continue
         b = int(np.argmin(y))
         after = y[b + 1:]
-        if not len(after):
-            continue
+        if not len(after) or b == 0:
+            continue  # never better than before training: the run failed to learn (divergence), it did not overfit
         rise = float(y[-1] / y[b] - 1)
         # A smaller rise must be a trend (Mann-Kendall needs 4+ points to reach significance; with two
         # evaluations after the best both must stand clearly above it) and must hold level to level:
@@ -82,6 +84,8 @@ def detect_overfitting(s: RunSeries) -> list[Finding]:
         if tb is not None and te is not None:
             ev.update(train_loss_at_best=tb, train_loss_final=te, gap_at_best=float(y[b] / tb),
                       gap_final=float(y[-1] / te))
+            if ev["gap_final"] < ev["gap_at_best"] * OVERFIT_GAP_GROWTH:
+                continue  # validation rose but training rose with it: instability, not memorising
         epoch = _epoch_at(s, best_step)
         # With early stopping on (or an early_stop event) train restored the best adapter: the result is
         # fine, only the steps after the best were wasted.
@@ -97,6 +101,13 @@ def detect_overfitting(s: RunSeries) -> list[Finding]:
             patch["weight_decay"] = 0.01
         if not s.config.get("augment"):
             patch["augment"] = ["prompt_variants", "word_dropout"]
+        # A LoRA LR far above the usual 1e-4..2e-4 makes the adapter memorise in an epoch or two: the LR
+        # is then the cause, not only the epochs (a 1e-4 run of the same data kept improving).
+        lr = s.peak_lr
+        high_lr = lr is not None and lr >= HIGH_LR_FACTOR * DEFAULTS["learning_rate"]
+        if high_lr:
+            patch["learning_rate"] = round_sig(lr / 10)
+            ev["peak_lr"] = lr
         gap = f"; the train/validation gap grew from {ev['gap_at_best']:.2f}x to {ev['gap_final']:.2f}x" if "gap_final" in ev else ""
         ev["best_adapter_restored"] = restored
         out.append(Finding(
@@ -107,7 +118,10 @@ def detect_overfitting(s: RunSeries) -> list[Finding]:
             + (f"Early stopping restored the step-{best_step} adapter, so the result is the best one, but the "
                "steps after it were wasted and more data or regularisation would push the best lower."
                if restored else f"Everything after step {best_step} made the adapter worse."),
-            f"Stop at the best step (early_stopping_patience restores it; or train {patch.get('num_epochs', best_step)} "
+            (f"The peak LR {lr:g} is {lr / DEFAULTS['learning_rate']:g}x the usual LoRA LR of "
+             f"{DEFAULTS['learning_rate']:g}: at that rate the adapter memorises within a few epochs; lower it "
+             f"to {patch['learning_rate']:g}. " if high_lr else "")
+            + f"Stop at the best step (early_stopping_patience restores it; or train {patch.get('num_epochs', best_step)} "
             f"{'epochs' if 'num_epochs' in patch else 'steps'}), add data or augmentation, and regularise "
             "(lora_dropout, weight_decay).",
             steps=[best_step, int(st[-1])], evidence=ev, config_patch=patch))
