@@ -200,3 +200,18 @@ def test_bench_dist_cpu_smoke(tmp_path):
     full = run["params"] * 4 / 2 ** 30  # float32 on CPU
     assert all(abs(g - full / 2) < 0.01 * full for g in run["param_gib_per_rank"])
     assert (tmp_path / "dist-smollm2-135m-summary.json").is_file()
+
+
+@pytest.mark.slow
+def test_ddp_with_fused_kernels_matches_one_process(tmp_path, tiny_model_dir):
+    # The fused loss runs the decoder itself; it must still go through DDP's forward, or the
+    # gradients of the two processes are never averaged.
+    one = _cfg(tmp_path, tiny_model_dir, "one", fused_kernels=True)
+    two = _cfg(tmp_path, tiny_model_dir, "two", fused_kernels=True)
+    _run([str(one)])
+    _run([str(two)], nproc=2)
+    wa = load_file(str(tmp_path / "one" / "adapter" / "adapter_model.safetensors"))
+    wb = load_file(str(tmp_path / "two" / "adapter" / "adapter_model.safetensors"))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], atol=1e-5), k

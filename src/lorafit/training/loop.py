@@ -64,14 +64,32 @@ class Stream:
         return sum(sum(1 for l in self.enc.labels[i][1:] if l != -100) for i in self.indices(k))
 
 
+class FusedLoss(torch.nn.Module):
+    """The model with lorafit's fused loss as its forward.
+
+    DDP and FSDP hook the *wrapper's* forward (DDP prepares its gradient reduction there, FSDP gathers
+    the root's shards), so the fused loss, which runs the decoder itself, must be that forward: the
+    trainer wraps this module, never the bare model, when fused_kernels is on.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, fused_batch: dict[str, torch.Tensor] | None = None, **kwargs: Any) -> Any:
+        if fused_batch is None:  # plain calls (evaluation) reach the model unchanged
+            return self.model(**kwargs)
+        from ..kernels import causal_lm_loss
+
+        return causal_lm_loss(self.model, fused_batch, num_items_in_batch=1)
+
+
 def loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor], device: torch.device,
              fused: bool = False) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy over supervised tokens (callers normalise), and token count."""
-    if fused:  # chunked fused cross-entropy: never materialises full float32 logits
-        from ..kernels import causal_lm_loss
-
+    if fused:  # chunked fused cross-entropy (model is a FusedLoss, maybe wrapped): no full float32 logits
         b = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        return causal_lm_loss(model, b, num_items_in_batch=1), int((b["labels"][:, 1:] != -100).sum())
+        return model(fused_batch=b), int((b["labels"][:, 1:] != -100).sum())
     ids = batch["input_ids"].to(device)
     labels = batch["labels"].to(device)
     logits = model(input_ids=ids, attention_mask=batch["attention_mask"].to(device)).logits
@@ -237,6 +255,8 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
 
         model = accelerate_model(model)
     peft_model = model
+    if cfg.fused_kernels:
+        model = FusedLoss(model)  # the loss is the forward DDP wraps (see FusedLoss)
     model = dist.wrap(model, strategy, device)  # before the optimizer: FSDP replaces the parameters
     sharded = dist.is_sharded(model)
     params = [p for p in model.parameters() if p.requires_grad]
