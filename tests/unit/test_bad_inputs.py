@@ -110,7 +110,7 @@ PREDICTION_CASES = [
     ("not_json.jsonl", 2, None, "invalid JSON"),
     ("missing_predict.jsonl", 3, "predict", "missing field"),
     ("predict_null.jsonl", 1, "predict", "expected a string, got null"),
-    ("label_int.jsonl", 2, "label", "expected a string, got int"),
+    ("label_int.jsonl", 2, "label", "expected a string or a list of strings, got int"),
     ("label_empty_list.jsonl", 1, "label", "empty list of references"),
     ("label_list_mixed.jsonl", 1, "label", "references must all be strings"),
     ("array_line.jsonl", 1, None, "expected a JSON object, got list"),

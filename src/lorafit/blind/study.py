@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import DataError, RunError
+from ..evaluate.predictions import iter_json_objects, label_field, string_field
 from . import store
 
 
@@ -51,37 +52,13 @@ class StudyInfo:
 def read_predictions(path: str | Path) -> list[Prediction]:
     """JSON lines with string ``prompt`` and ``predict``; ``label`` optional, a string or (as
     `lorafit eval` writes for multi-reference sets) a list of strings. Blank lines are skipped."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError("predictions file not found", file=str(path))
     out: list[Prediction] = []
-    for n, raw in enumerate(path.read_bytes().splitlines(), 1):
-        try:
-            text = raw.decode("utf-8-sig" if n == 1 else "utf-8")
-        except UnicodeDecodeError as e:
-            raise DataError(f"not valid UTF-8 (byte {e.start} of the line)", file=str(path), line=n) from None
-        if not text.strip():
-            continue
-        try:
-            rec = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"not valid JSON ({e.msg})", file=str(path), line=n) from None
-        if not isinstance(rec, dict):
-            raise DataError("expected a JSON object", file=str(path), line=n)
-        for key in ("prompt", "predict"):
-            if key not in rec:
-                raise DataError("missing", file=str(path), line=n, field=key)
-            if not isinstance(rec[key], str):
-                raise DataError(f"expected a string, got {type(rec[key]).__name__}",
-                                file=str(path), line=n, field=key)
-        label = rec.get("label", "")
-        if isinstance(label, list) and all(isinstance(x, str) for x in label):
+    for n, rec in iter_json_objects(path):
+        prompt, predict = (string_field(rec, k, Path(path), n) for k in ("prompt", "predict"))
+        label = label_field(rec, Path(path), n) if "label" in rec else ""
+        if isinstance(label, list):
             label = json.dumps(label, ensure_ascii=False)
-        elif not isinstance(label, str):
-            raise DataError("expected a string or a list of strings", file=str(path), line=n, field="label")
-        out.append(Prediction(rec["prompt"], rec["predict"], label, n))
-    if not out:
-        raise DataError("no predictions in file", file=str(path))
+        out.append(Prediction(prompt, predict, label, n))
     return out
 
 

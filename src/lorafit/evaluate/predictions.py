@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from ..errors import DataError
 from .metrics import score_predictions
@@ -27,15 +27,17 @@ def write_predictions(path: str | Path, prompts: Sequence[str], preds: Sequence[
     return path
 
 
-def read_predictions(path: str | Path) -> tuple[list[str], list[Label]]:
-    """(predictions, labels) from a predictions file; DataError names the file, line and field."""
+def iter_json_objects(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) for each non-blank line of a predictions file.
+
+    The one reader of predictions files (scoring and the blind test both use it): bad bytes, bad JSON
+    and non-objects become a DataError naming the file and line; an empty file is refused.
+    """
     path = Path(path)
     if not path.is_file():
         raise DataError("predictions file not found", file=str(path))
-    raw = path.read_bytes()
-    preds: list[str] = []
-    labels: list[Label] = []
-    for i, line_bytes in enumerate(raw.splitlines(), 1):
+    seen = False
+    for i, line_bytes in enumerate(path.read_bytes().splitlines(), 1):
         try:
             line = line_bytes.decode("utf-8-sig" if i == 1 else "utf-8")
         except UnicodeDecodeError as e:
@@ -45,18 +47,27 @@ def read_predictions(path: str | Path) -> tuple[list[str], list[Label]]:
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
-            raise DataError(f"unreadable line: invalid JSON ({e.msg}, column {e.colno})",
+            raise DataError(f"unreadable line: not valid JSON, invalid JSON ({e.msg}, column {e.colno})",
                             file=str(path), line=i) from None
         if not isinstance(rec, dict):
             raise DataError(f"expected a JSON object, got {type(rec).__name__}", file=str(path), line=i)
-        preds.append(_string(rec, "predict", path, i))
-        labels.append(_label(rec, path, i))
-    if not preds:
+        seen = True
+        yield i, rec
+    if not seen:
         raise DataError("no predictions (empty file)", file=str(path))
+
+
+def read_predictions(path: str | Path) -> tuple[list[str], list[Label]]:
+    """(predictions, labels) from a predictions file; DataError names the file, line and field."""
+    preds: list[str] = []
+    labels: list[Label] = []
+    for i, rec in iter_json_objects(path):
+        preds.append(string_field(rec, "predict", Path(path), i))
+        labels.append(label_field(rec, Path(path), i))
     return preds, labels
 
 
-def _string(rec: dict, name: str, path: Path, line: int) -> str:
+def string_field(rec: dict, name: str, path: Path, line: int) -> str:
     if name not in rec:
         raise DataError("missing field", file=str(path), line=line, field=name)
     v = rec[name]
@@ -65,15 +76,19 @@ def _string(rec: dict, name: str, path: Path, line: int) -> str:
     return v
 
 
-def _label(rec: dict, path: Path, line: int) -> Label:
+def label_field(rec: dict, path: Path, line: int) -> Label:
     v: Any = rec.get("label")
     if isinstance(v, list):
         if not v:
             raise DataError("empty list of references", file=str(path), line=line, field="label")
         if not all(isinstance(x, str) for x in v):
-            raise DataError("references must all be strings", file=str(path), line=line, field="label")
+            raise DataError("expected a string or a list of strings (references must all be strings)",
+                            file=str(path), line=line, field="label")
         return list(v)
-    return _string(rec, "label", path, line)
+    if "label" in rec and not isinstance(v, str):
+        raise DataError(f"expected a string or a list of strings, got {_kind(v)}", file=str(path), line=line,
+                        field="label")
+    return string_field(rec, "label", path, line)
 
 
 def _kind(v: Any) -> str:
