@@ -16,6 +16,12 @@ no lorafit kernels), backward, clipping at 1.0, fused AdamW. Step time is wall t
 Memory is `torch.cuda.max_memory_allocated` from after wrapping to the end, per rank, and the bytes
 of parameters each rank holds (all of them under DDP, 1/N of them under FSDP).
 
+Strategy `graph` is lorafit's fast path on N GPUs without DDP: the fused kernels (`accelerate_model`),
+loss and backward replayed as one CUDA graph (`CudaGraphStep(eager_tail=True)`), then one flat
+all-reduce of the LoRA gradients (`dist.average_gradients`), clipping and fused AdamW, eagerly. Its
+N = 1 run is the same code without the all-reduce, and is the baseline of its own ratios. On CPU it
+runs the same step eagerly (no graph), to test the code path.
+
 One process per N runs every strategy in turn (the model is rebuilt for each): one start-up per N
 keeps a 1,2,4 sweep of Llama-3-8B within a few minutes. N = 1 is the plain single-process run,
 the baseline of the speed-up ratios (targets: >= 1.9x on 2 GPUs, >= 3.7x on 4).
@@ -84,6 +90,45 @@ def gather(obj: Any) -> list[Any]:
     return out
 
 
+def graph_steps(args: argparse.Namespace, model: Any, batches: list[torch.Tensor], device: torch.device
+                ) -> tuple[list[float], list[float], Any]:
+    """Strategy `graph`: fused kernels, captured loss + backward, one flat gradient all-reduce."""
+    from lorafit.kernels import CudaGraphStep, accelerate_model, causal_lm_loss
+
+    model = accelerate_model(model)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    rows = [{"input_ids": ids, "labels": ids} for ids in batches]
+    if device.type == "cuda":
+        opt = torch.optim.AdamW(params, lr=torch.tensor(1e-4, device=device), fused=True, capturable=True)
+        step = CudaGraphStep(model, opt, rows[0], max_grad_norm=1.0, warmup_steps=max(args.warmup, 2),
+                             grad_hook=dist.average_gradients, eager_tail=True)
+        warmup = 0
+    else:  # the same step, eagerly: the code path on CPU, no timing meaning
+        opt = torch.optim.AdamW(params, lr=1e-4)
+        warmup = args.warmup
+
+        def step(batch: dict) -> torch.Tensor:
+            opt.zero_grad(set_to_none=True)
+            loss = causal_lm_loss(model, batch)
+            loss.backward()
+            dist.average_gradients(params)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            return loss.detach()
+    times, losses = [], []
+    for i in range(warmup + args.steps):
+        sync(device)
+        start = time.perf_counter()
+        loss = step(rows[i % len(rows)])
+        sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+        losses.append(round(loss.item(), 5))
+    gnorm = float(torch.linalg.vector_norm(torch.stack([p.grad.float().norm() for p in params])))
+    return times, losses, gnorm
+
+
 def run_strategy(args: argparse.Namespace, strategy: str, device: torch.device) -> dict[str, Any]:
     """Build, wrap, train warmup + steps steps; one record for all ranks (every rank returns it)."""
     from bench_speed import free
@@ -93,9 +138,10 @@ def run_strategy(args: argparse.Namespace, strategy: str, device: torch.device) 
     model = build_model(args.model, device)
     n_params = sum(p.numel() for p in model.parameters())
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    wrapped = dist.wrap(model, strategy, device)
+    graph = strategy == "graph"
+    wrapped = model if graph else dist.wrap(model, strategy, device)
     params = [p for p in wrapped.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
+    opt = None if graph else torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
     sync(device)
     build_s = time.perf_counter() - t0
     vocab = model.get_base_model().config.vocab_size
@@ -106,7 +152,9 @@ def run_strategy(args: argparse.Namespace, strategy: str, device: torch.device) 
         free()
         torch.cuda.reset_peak_memory_stats(device)
     times, losses = [], []
-    for i in range(args.warmup + args.steps):
+    if graph:
+        times, losses, gnorm = graph_steps(args, model, batches, device)
+    for i in range(0 if graph else args.warmup + args.steps):
         ids = batches[i % len(batches)]
         sync(device)
         start = time.perf_counter()
@@ -148,7 +196,11 @@ def worker(args: argparse.Namespace) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init(device)
-    strategies = ["single"] if ws == 1 else args.strategy.split(",")
+    asked = args.strategy.split(",")
+    if ws == 1:  # the baselines: the plain single-GPU run for ddp/fsdp, the single-GPU graph run for graph
+        strategies = (["single"] if {"ddp", "fsdp"} & set(asked) else []) + (["graph"] if "graph" in asked else [])
+    else:
+        strategies = asked
     runs: dict[str, Any] = {}
     for s in strategies:
         guarded(runs, s, lambda s=s: run_strategy(args, s, device))
@@ -158,7 +210,8 @@ def worker(args: argparse.Namespace) -> None:
         rec = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.machine()})",
                "world_size": ws, "backend": "nccl" if device.type == "cuda" else "gloo", "model": args.model,
                "torch": torch.__version__, "settings": {k: getattr(args, k) for k in ("batch", "length", "steps", "warmup")},
-               "lora": "r16 alpha32 dropout0.1 q,k,v,o,gate,up,down; AdamW fused; clip 1.0; HF+PEFT forward",
+               "lora": "r16 alpha32 dropout0.1 q,k,v,o,gate,up,down; AdamW fused; clip 1.0; HF+PEFT forward "
+                       "(ddp, fsdp, single); lorafit fused kernels + CUDA graph + flat all-reduce (graph)",
                "runs": runs}
         (out / f"dist-{args.model}-n{ws}.json").write_text(json.dumps(rec, indent=1))
     dist.barrier()
@@ -167,12 +220,13 @@ def worker(args: argparse.Namespace) -> None:
 
 def summarize(per_n: dict[int, dict[str, Any]], strategies: list[str]) -> dict[str, Any]:
     """Speed-up vs the 1-process run and FSDP's per-GPU memory against DDP's, per N."""
-    base = per_n.get(1, {}).get("runs", {}).get("single", {}).get("tokens_per_s")
+    n1 = per_n.get(1, {}).get("runs", {})
     table = {}
     for n, rec in sorted(per_n.items()):
         if n == 1:
             continue
         for s in strategies:
+            base = n1.get("graph" if s == "graph" else "single", {}).get("tokens_per_s")
             r = rec["runs"].get(s, {})
             if "tokens_per_s" not in r:
                 table[f"{s}-n{n}"] = {"error": r.get("error", "not run")}
@@ -188,8 +242,8 @@ def summarize(per_n: dict[int, dict[str, Any]], strategies: list[str]) -> dict[s
             f["params_vs_ddp"] = f["param_gib_per_rank"] / d["param_gib_per_rank"]
         if d.get("peak_gib_max") and f.get("peak_gib_max"):
             f["peak_vs_ddp"] = f["peak_gib_max"] / d["peak_gib_max"]
-    single = per_n.get(1, {}).get("runs", {}).get("single", {})
-    return {"baseline_n1": {k: single.get(k) for k in ("tokens_per_s", "peak_gib_per_rank", "param_gib_per_rank", "error")},
+    return {"baseline_n1": {name: {k: r.get(k) for k in ("tokens_per_s", "peak_gib_per_rank", "param_gib_per_rank", "error")}
+                            for name, r in n1.items()},
             "scaling": table}
 
 
@@ -227,7 +281,7 @@ def sweep(args: argparse.Namespace) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sweep", default=None, help="driver mode: comma-separated process counts, e.g. 1,2,4")
-    ap.add_argument("--strategy", default="ddp,fsdp", help="comma-separated: ddp, fsdp")
+    ap.add_argument("--strategy", default="ddp,fsdp", help="comma-separated: ddp, fsdp, graph")
     ap.add_argument("--model", default="llama3-8b", help="a bench_speed.SHAPES name")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--steps", type=int, default=10)
@@ -237,8 +291,8 @@ def main() -> None:
     ap.add_argument("--timeout", type=int, default=600, help="seconds per torchrun launch (driver)")
     ap.add_argument("--out", default="benchmarks/results/dist")
     args = ap.parse_args()
-    if any(s not in ("ddp", "fsdp") for s in args.strategy.split(",")):
-        ap.error("--strategy: ddp and/or fsdp")
+    if any(s not in ("ddp", "fsdp", "graph") for s in args.strategy.split(",")):
+        ap.error("--strategy: ddp, fsdp and/or graph")
     sweep(args) if args.sweep else worker(args)
 
 

@@ -54,6 +54,24 @@ def all_max(value: int, device: torch.device) -> int:
     return int(t.item())
 
 
+def average_gradients(params: list[torch.Tensor]) -> None:
+    """Average the gradients over the ranks with one all-reduce of a flat buffer.
+
+    DDP does this with per-bucket hooks inside its own forward/backward; a step that runs outside
+    DDP's forward (a replayed CUDA graph) calls this between backward and the optimizer instead.
+    """
+    ws = world()[2]
+    grads = [p.grad for p in params if p.grad is not None]
+    if ws == 1 or not grads:
+        return
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    flat = _flatten_dense_tensors(grads)
+    dist.all_reduce(flat)
+    flat.div_(ws)
+    torch._foreach_copy_(grads, list(_unflatten_dense_tensors(flat, grads)))
+
+
 def barrier() -> None:
     if world()[2] > 1:
         dist.barrier()
