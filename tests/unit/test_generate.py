@@ -117,3 +117,16 @@ def test_evaluate_run_options_and_errors(fake_run, tmp_path):
         evaluate_run(run, sets=["nope"], progress=False)
     with pytest.raises(RunError, match="not a run folder"):
         evaluate_run(tmp_path, progress=False)
+
+
+def test_max_eval_samples_caps_prompts_not_reference_rows(fake_run):
+    # 'dom' has 4 rows but 3 prompts (the first has two references): a cap of 2 must give 2 prompts,
+    # the first with both references, not the 2 rows of the first prompt.
+    from lorafit.config import load_config
+    from lorafit.evaluate.run import _eval_sets
+
+    run, _ = fake_run
+    cfg = load_config(run / "config.yaml", {"max_eval_samples": 2})
+    sets = _eval_sets(cfg, run / "config.yaml", ["dom"], None)
+    assert len(sets["dom"]) == 2
+    assert sets["dom"][0].references == ["The Eagle serves Chinese food.", "The Eagle is a Chinese restaurant."]
