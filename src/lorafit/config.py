@@ -76,7 +76,7 @@ class TrainConfig:
     warmup_ratio: float = _f(0.1, "Warmup as a share of total steps (combined with warmup_steps by taking the larger).")
     warmup_steps: int = _f(20, "Warmup steps (combined with warmup_ratio by taking the larger).")
     weight_decay: float = _f(0.0, "AdamW decoupled weight decay (the optimizer shrinks weights; not a loss term).")
-    l2_penalty: float = _f(0.0, "Classic L2 regularisation: adds l2_penalty * sum(w^2) over LoRA weights to the loss.")
+    l2_penalty: float = _f(0.0, "Classic L2 regularisation: the penalty l2_penalty * sum(w^2) over LoRA weights, added to the loss (as its gradient, before clipping).")
     max_grad_norm: float = _f(1.0, "Clip gradients to this global norm (0 disables).")
     adam_beta1: float = _f(0.9, "AdamW beta1.")
     adam_beta2: float = _f(0.999, "AdamW beta2.")

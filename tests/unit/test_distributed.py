@@ -106,7 +106,7 @@ def _same_adapter(a, b, atol=1e-5):
 def test_fsdp_two_processes_match_one(tmp_path, tiny_model_dir):
     # eval_batch_size 5 on 12 validation examples: rank 0 gets 2 batches, rank 1 one (plus a dummy,
     # since FSDP's forward is collective); early stopping on: the best adapter is gathered and saved;
-    # l2_penalty: its gradient is added to the sharded grads instead of the loss.
+    # l2_penalty: its gradient is added once to the reduced (sharded) grads.
     kw = dict(eval_batch_size=5, early_stopping_patience=3, l2_penalty=0.01)
     one = _cfg(tmp_path, tiny_model_dir, "one", **kw)
     two = _cfg(tmp_path, tiny_model_dir, "fsdp", distributed="fsdp", **kw)

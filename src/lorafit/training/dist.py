@@ -7,7 +7,8 @@ ranks as DTensors and all-gathers one decoder layer at a time for its forward an
 answer for a base model that does not fit one GPU. Under FSDP, forward is a collective (every rank
 must call it the same number of times) and reading a parameter's full value is one too, so
 everything that looks at the weights (checkpoints, the adapter, the finite check) goes through
-`full_state` on every rank and only then lets rank 0 write.
+`checkpoint.trainable_state` / `checkpoint.optimizer_state` on every rank and only then lets rank 0
+write.
 """
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ from typing import Any, ContextManager, Iterator
 import torch
 import torch.distributed as dist
 
-STRATEGIES = ("auto", "ddp", "fsdp")
+from ..errors import TrainingError
+
 # `auto` picks FSDP when the model's parameters take more than this share of one GPU's memory: the
 # rest is needed for activations, LoRA gradients and optimizer state, and the CUDA context.
 FSDP_ABOVE = 0.6
@@ -44,14 +46,6 @@ def all_sum(values: list[float], device: torch.device) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.tolist()
-
-
-def all_max(value: int, device: torch.device) -> int:
-    if world()[2] == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.int64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item())
 
 
 def average_gradients(params: list[torch.Tensor]) -> None:
@@ -122,8 +116,6 @@ def _fully_shard(model: torch.nn.Module, device: torch.device) -> torch.nn.Modul
     blocks = set(getattr(base, "_no_split_modules", None) or [])
     layers = [m for m in model.modules() if type(m).__name__ in blocks]
     if not layers:
-        from ..errors import TrainingError
-
         raise TrainingError(f"FSDP: no decoder layer found in {type(base).__name__} (no _no_split_modules)")
     for layer in layers:
         fully_shard(layer, mesh=mesh)

@@ -344,17 +344,16 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
             with dist.no_sync(model, last=j == len(mine) - 1):
                 lsum, _ = loss_sum(model, batch, device, cfg.fused_kernels)
                 loss = lsum * (ws / max(denom, 1))
-                if cfg.l2_penalty and j == len(mine) - 1 and not sharded:
-                    # Classic L2: a penalty term in the loss (unlike AdamW's decoupled decay).
-                    loss = loss + cfg.l2_penalty * sum((p.float() ** 2).sum() for p in params)
                 loss.backward()
             step_loss += lsum.detach().item()
             acc_tokens += int(batch["attention_mask"].sum())
-        if cfg.l2_penalty and sharded:  # the penalty's gradient, added once to the reduced shards
+        if cfg.l2_penalty:
+            # Classic L2, a penalty l2_penalty * sum(w^2) in the loss (unlike AdamW's decoupled decay),
+            # applied as that term's gradient, once, to the reduced gradients (or their FSDP shards):
+            # the same update whatever the number of processes or micro-batches.
             with torch.no_grad():
-                for p in params:
-                    if p.grad is not None:
-                        p.grad.add_(p.detach(), alpha=2 * cfg.l2_penalty)
+                with_grad = [p for p in params if p.grad is not None]
+                torch._foreach_add_([p.grad for p in with_grad], [p.detach() for p in with_grad], alpha=2 * cfg.l2_penalty)
         step_loss = dist.all_sum([step_loss], device)[0] / max(denom, 1)
         gnorm = dist.as_float(torch.nn.utils.clip_grad_norm_(
             params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")))
