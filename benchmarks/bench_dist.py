@@ -7,8 +7,8 @@
     # CPU smoke (gloo): the same code path in a minute
     python benchmarks/bench_dist.py --sweep 1,2 --device cpu --model smollm2-135m --steps 2 --warmup 1 --length 64 --out DIR
 
-Each rank builds the random-weight model of the named real shape (`bench_speed.SHAPES`) directly on
-its GPU with `bench_speed.build` (bf16, LoRA r 16, alpha 32, dropout 0.1 on all seven projections),
+Each rank builds the random-weight model of the named real shape (`speed_common.SHAPES`) directly on
+its GPU with `speed_common.build` (bf16, LoRA r 16, alpha 32, dropout 0.1 on all seven projections),
 wraps it with `lorafit.training.dist.wrap` as the trainer does, and trains `--warmup` + `--steps`
 steps of a per-rank batch of 2 x 1024 random tokens: the plain HF + PEFT forward (`model(...).loss`,
 no lorafit kernels), backward, clipping at 1.0, fused AdamW. Step time is wall time between
@@ -52,9 +52,9 @@ TARGETS_X = {2: 1.9, 4: 3.7}
 
 
 def build_model(name: str, device: torch.device) -> Any:
-    """bench_speed's model on this rank's GPU; on CPU the same recipe in float32 (smoke tests only:
-    bench_speed.build allocates on CUDA)."""
-    from bench_speed import SHAPES, TARGETS, build
+    """speed_common's model on this rank's GPU; on CPU the same recipe in float32 (smoke tests only:
+    speed_common.build allocates on CUDA)."""
+    from speed_common import SHAPES, TARGETS, build
 
     if device.type == "cuda":
         return build(name)
@@ -131,7 +131,7 @@ def graph_steps(args: argparse.Namespace, model: Any, batches: list[torch.Tensor
 
 def run_strategy(args: argparse.Namespace, strategy: str, device: torch.device) -> dict[str, Any]:
     """Build, wrap, train warmup + steps steps; one record for all ranks (every rank returns it)."""
-    from bench_speed import free
+    from speed_common import free
 
     rank, _, ws = dist.world()
     t0 = time.perf_counter()
@@ -189,7 +189,7 @@ def run_strategy(args: argparse.Namespace, strategy: str, device: torch.device) 
 
 
 def worker(args: argparse.Namespace) -> None:
-    from bench_speed import guarded
+    from speed_common import guarded
 
     rank, local, ws = dist.world()
     device = torch.device("cuda", local) if args.device == "cuda" else torch.device("cpu")
@@ -282,7 +282,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sweep", default=None, help="driver mode: comma-separated process counts, e.g. 1,2,4")
     ap.add_argument("--strategy", default="ddp,fsdp", help="comma-separated: ddp, fsdp, graph")
-    ap.add_argument("--model", default="llama3-8b", help="a bench_speed.SHAPES name")
+    ap.add_argument("--model", default="llama3-8b", help="a speed_common.SHAPES name")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
