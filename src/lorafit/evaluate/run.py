@@ -126,8 +126,8 @@ def _eval_sets(cfg: Any, cfg_path: Path, names: Sequence[str] | None,
         available = {n: available[n] for n in names}
     # One prompt with several references (E2E) is generated once and scored against all of them.
     grouped = {n: group_references(exs) for n, exs in available.items()}
-    cap = max_samples or cfg.max_eval_samples
-    return {n: exs[:cap] if cap else exs for n, exs in grouped.items()}
+    caps = [c for c in (max_samples, cfg.max_eval_samples) if c]
+    return {n: exs[:min(caps)] if caps else exs for n, exs in grouped.items()}
 
 
 def _safe(name: str) -> str:
