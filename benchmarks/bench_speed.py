@@ -76,7 +76,8 @@ def main() -> None:
     ap.add_argument("--parity-steps", type=int, default=0, help="loss-curve parity steps (0: skip)")
     ap.add_argument("--parity-lr", type=float, default=1e-4)
     ap.add_argument("--parity-configs", default="ours",
-                    help="comma list of ours,best,best+ckpt: our sides of the loss-parity check (best: after --levers)")
+                    help="comma list of ours,best,best+ckpt,seeded,seeded+ckpt: our sides of the loss-parity check "
+                         "(best: after --levers; seeded: the graph step with seeded dropout)")
     ap.add_argument("--levers", action="store_true",
                     help="time each issue-8 lever (LEVERS) as a graph, then the best combination as ours+graph,best "
                          "and ours+graph,seeded,best+ckpt")
@@ -158,7 +159,7 @@ def main() -> None:
     guarded(results, "grad_parity", lambda: grad_parity(model, batches[0], init))
     save()
     parity_configs = [c for c in args.parity_configs.split(",") if c]
-    unknown = set(parity_configs) - {"ours", "best", "best+ckpt"}
+    unknown = set(parity_configs) - {"ours", "best", "best+ckpt", "seeded", "seeded+ckpt"}
     if unknown:
         sys.exit(f"--parity-configs: unknown {sorted(unknown)}")
     if args.parity_steps and "ours" in parity_configs:
@@ -189,6 +190,9 @@ def main() -> None:
     best = results.get("best_flags")
     wanted = {c: cfg for c, cfg in (("best", (best, True, False)), ("best+ckpt", (_ckpt_flags(best), True, True)))
               if c in parity_configs and best is not None}
+    wanted.update({c: cfg for c, cfg in (("seeded", ({"seeded_dropout": True}, True, False)),
+                                         ("seeded+ckpt", ({"seeded_dropout": True}, True, True)))
+                   if c in parity_configs})
     if args.parity_steps and wanted:
         guarded(results, "loss_parity_best", lambda: loss_parity(model, vocab, args.parity_steps, init, args.parity_lr,
                                                                  configs=wanted))

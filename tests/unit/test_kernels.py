@@ -183,6 +183,70 @@ def test_seeded_dropout_group_matches_reference_with_its_mask() -> None:
     assert all(rel(pr.lora_A.grad, r.lora_A.grad) < 1e-5 for pr, r in zip(projs, ref))
 
 
+@needs_triton
+@pytest.mark.parametrize("alpha", [1.0, 2.5])
+def test_seeded_dropout_products_equal_dropout_then_matmul(alpha: float) -> None:
+    """u = D(x)A^T, dA = g^T D(x) and dx = D'(gA) draw the mask inside the product; each equals the
+    plain product on the dropped tensor, with splits and padded ranks (48 -> 64) exercised."""
+    from lorafit.kernels.dropout import (DropoutSeed, dropout_matmul, dropout_matmul_t, matmul_dropout,
+                                         seeded_keep_mask)
+
+    seed, p = DropoutSeed(DEV, 9), 0.3
+    n, k, r = 130, 300, 48
+    x, a, g = torch.randn(n, k, device=DEV), torch.randn(r, k, device=DEV), torch.randn(n, r, device=DEV)
+    keep = seeded_keep_mask((n, k), seed.value, 3, p, DEV)
+    assert 0.6 < keep.float().mean().item() < 0.8
+    xd = x * keep / (1 - p)
+    assert rel(dropout_matmul(x, a, seed.value, 3, p, alpha=alpha), alpha * xd @ a.t()) < 1e-5
+    assert rel(dropout_matmul_t(g, x, seed.value, 3, p, alpha=alpha), alpha * g.t() @ xd) < 1e-5
+    assert rel(matmul_dropout(g, a, seed.value, 3, p, alpha=alpha), alpha * (g @ a) * keep / (1 - p)) < 1e-5
+    other = seeded_keep_mask((n, k), seed.value, 4, p, DEV)  # another call site: an independent mask
+    assert 0.35 < (other != keep).float().mean().item() < 0.49
+
+
+@needs_triton
+def test_seeded_group_with_unequal_scalings_matches_reference() -> None:
+    """Groups whose projections scale differently keep the scale out of the fused products."""
+    from lorafit.kernels.dropout import DropoutSeed, seeded_keep_mask
+
+    projs, seed = _projs(torch.float32), DropoutSeed(DEV, 4)
+    projs[1].scaling, projs[2].scaling = 0.5, 3.0
+    x = leaf(2, 5, 24)
+    ys = lora_group(x, projs, 0.2, True, seed=(seed.value, 2))
+    upstream = [torch.randn_like(y) for y in ys]
+    torch.autograd.backward(ys, upstream)
+    mask = seeded_keep_mask((10, 24), seed.value, 2, 0.2, DEV).view(2, 5, 24)
+    ref = [LoraProj(pr.weight, pr.bias, leaf(0), leaf(0), pr.scaling) for pr in projs]
+    for r_, pr in zip(ref, projs):
+        r_.lora_A, r_.lora_B = pr.lora_A.detach().clone().requires_grad_(True), pr.lora_B.detach().clone().requires_grad_(True)
+    xr = x.detach().clone().requires_grad_(True)
+    yr = lora_group_reference(xr, ref, 0.2, True, mask=mask)
+    torch.autograd.backward(yr, upstream)
+    assert all(rel(a, b) < 1e-5 for a, b in zip(ys, yr)) and rel(x.grad, xr.grad) < 1e-5
+    assert all(rel(pr.lora_B.grad, r_.lora_B.grad) < 1e-5 and rel(pr.lora_A.grad, r_.lora_A.grad) < 1e-5
+               for pr, r_ in zip(projs, ref))
+
+
+@pytest.mark.usefixtures("torch_paths")
+def test_adapter_cache_follows_parameter_updates() -> None:
+    """The cast adapters are refreshed every forward: after an update the fused loss is the new model's."""
+    model = _peft("llama")
+    accelerate_model(model)
+    assert model.get_base_model().lorafit_adapter_cache is not None
+    model.eval()
+    ids = torch.randint(0, 300, (2, 8), device=DEV)
+    batch = {"input_ids": ids, "labels": ids}
+    before = causal_lm_loss(model, batch).item()
+    with torch.no_grad():
+        for name, prm in model.named_parameters():
+            if "lora_" in name:
+                prm.add_(torch.randn_like(prm) * 0.2)
+    after = causal_lm_loss(model, batch).item()
+    restore_model(model)
+    assert abs(after - before) > 1e-3
+    assert abs(after - model(**batch).loss.item()) < 1e-5
+
+
 # --- packing and varlen attention ----------------------------------------------------------------
 def test_pack_batch_layout() -> None:
     b = pack_batch([[5, 6, 7], [8, 9]], [[-100, 6, 7], [8, 9]])

@@ -20,6 +20,7 @@ from torch import nn
 
 from .cross_entropy import fused_causal_lm_loss
 from .dropout import DropoutSeed
+from .lora import AdapterCache
 from .modules import FusedAttention, FusedMLP, FusedRMSNorm
 from .rmsnorm import add_rms_norm
 
@@ -51,6 +52,7 @@ class Acceleration:
     fused_residual: bool = False
     sdpa_backend: str | None = None
     checkpointed_ce_chunk: int | None = None
+    adapter_cache: bool = False
 
     def ce_rows(self, vocab: int, checkpointed: bool) -> int:
         """Rows of logits per cross-entropy chunk: ce_chunk, else checkpointed_ce_chunk under
@@ -76,7 +78,7 @@ def accelerate_model(model: nn.Module, *, fused_lora: bool = True, fused_norm: b
                      fused_swiglu: bool = True, fused_ce: bool = True, varlen_attention: bool = True,
                      shared_dropout: bool = True, ce_chunk: int | None = None,
                      seeded_dropout: bool = False, fused_residual: bool = False, sdpa_backend: str | None = None,
-                     checkpointed_ce_chunk: int | None = 256) -> nn.Module:
+                     checkpointed_ce_chunk: int | None = 256, adapter_cache: bool = True) -> nn.Module:
     """Swap the decoder's attention, MLP and norms of `model` (PeftModel or *ForCausalLM) for fused ones.
 
     fused_lora: one pass over each shared input for its LoRA projections, in the model dtype.
@@ -95,6 +97,9 @@ def accelerate_model(model: nn.Module, *, fused_lora: bool = True, fused_norm: b
         hold 63 MiB at 128,256 tokens instead of 256 MiB.
     fused_residual: the post-attention `h = residual + attn; norm(h)` as one kernel (`add_rms_norm`),
         through lorafit's own decoder-layer body in `decoder_forward` (unpadded and packed batches).
+    adapter_cache: cast the float32 adapters to the model dtype once per forward, for all layers in a few
+        multi-tensor kernels (`AdapterCache`), instead of inside every group call. Not for FSDP-sharded
+        adapters (lorafit refuses fused kernels under FSDP).
     sdpa_backend: pin the SDPA kernel of unpacked, unmasked batches ("cudnn", "flash", "efficient",
         "math"; None: PyTorch's choice, through Hugging Face's attention function).
     Calling it again re-applies from the original modules with the new flags. Returns `model`.
@@ -102,11 +107,14 @@ def accelerate_model(model: nn.Module, *, fused_lora: bool = True, fused_norm: b
     restore_model(model)
     causal = _causal_lm(model)
     swapped = 0
-    seed = None
-    if seeded_dropout:
-        seed = DropoutSeed(next(causal.parameters()).device)
+    seed = DropoutSeed(next(causal.parameters()).device) if seeded_dropout else None
+    cache = AdapterCache() if adapter_cache else None
+    if seed is not None:
         causal.lorafit_dropout_seed = seed
-        causal.lorafit_seed_hook = causal.model.register_forward_pre_hook(lambda *_: seed.advance())
+    if cache is not None:
+        causal.lorafit_adapter_cache = cache
+    if seed is not None or cache is not None:
+        causal.lorafit_seed_hook = causal.model.register_forward_pre_hook(lambda *_: _before_forward(causal))
     for index, layer in enumerate(_layers(causal)):
         attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
         if type(attn).__name__ in ATTENTION and hasattr(attn, "head_dim"):
@@ -114,11 +122,13 @@ def accelerate_model(model: nn.Module, *, fused_lora: bool = True, fused_norm: b
                                              varlen=varlen_attention, shared_dropout=shared_dropout,
                                              sdpa_backend=sdpa_backend)
             layer.self_attn.dropout_seed, layer.self_attn.dropout_site = seed, index
+            layer.self_attn.adapter_cache = cache
             swapped += 1
         act = getattr(getattr(mlp, "config", None), "hidden_act", None)
         if type(mlp).__name__ in MLP and act in ("silu", "swish"):
             layer.mlp = FusedMLP(mlp, fused_lora=fused_lora, fused_swiglu=fused_swiglu, shared_dropout=shared_dropout)
             layer.mlp.dropout_seed, layer.mlp.dropout_site = seed, index
+            layer.mlp.adapter_cache = cache
             swapped += 1
         for name in ("input_layernorm", "post_attention_layernorm"):
             norm = getattr(layer, name, None)
@@ -133,8 +143,18 @@ def accelerate_model(model: nn.Module, *, fused_lora: bool = True, fused_norm: b
         fused_lora=fused_lora, fused_norm=fused_norm, fused_rope=fused_rope, fused_swiglu=fused_swiglu,
         fused_ce=fused_ce, varlen_attention=varlen_attention, shared_dropout=shared_dropout, ce_chunk=ce_chunk,
         seeded_dropout=seeded_dropout, swapped=swapped, fused_residual=fused_residual, sdpa_backend=sdpa_backend,
-        checkpointed_ce_chunk=checkpointed_ce_chunk)
+        checkpointed_ce_chunk=checkpointed_ce_chunk, adapter_cache=adapter_cache)
     return model
+
+
+def _before_forward(causal: nn.Module) -> None:
+    """Per decoder forward: the next dropout seed, and the adapters cast again (they may have stepped)."""
+    seed = getattr(causal, "lorafit_dropout_seed", None)
+    if seed is not None:
+        seed.advance()
+    cache = getattr(causal, "lorafit_adapter_cache", None)
+    if cache is not None:
+        cache.refresh()
 
 
 def restore_model(model: nn.Module) -> nn.Module:
@@ -149,7 +169,7 @@ def restore_model(model: nn.Module) -> nn.Module:
                 ref = child.reference_module
                 ref.train(child.training)
                 setattr(holder, name, ref)
-    for name in ("lorafit_acceleration", "lorafit_dropout_seed"):
+    for name in ("lorafit_acceleration", "lorafit_dropout_seed", "lorafit_adapter_cache"):
         if hasattr(causal, name):
             delattr(causal, name)
     if hasattr(causal, "lorafit_seed_hook"):
@@ -212,9 +232,7 @@ def decoder_forward(causal: nn.Module, input_ids: torch.Tensor, position_ids: to
     can be captured in a CUDA graph. Padded batches (an attention_mask) go through HF's forward.
     """
     decoder = causal.model
-    seed = getattr(causal, "lorafit_dropout_seed", None)
-    if seed is not None:  # what the pre-hook on decoder.forward does; this path bypasses that call
-        seed.advance()
+    _before_forward(causal)  # what the pre-hook on decoder.forward does; this path bypasses that call
     hidden = decoder.embed_tokens(input_ids)
     if position_ids is None:
         position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)

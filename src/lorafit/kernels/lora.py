@@ -9,7 +9,9 @@ Backward, given dy_i (no gradient for the frozen W_i, b_i):
     dx   = sum_i dy_i W_i + (du [A_1; ...; A_k]) * m / (1 - p)
 All products run in the model dtype on tensor cores; A and B stay float32 parameters (cast per call,
 they are tiny) and their gradients are accumulated in float32. Saved: D(x), the dropout mask (1 byte
-an element) and u -- not x in float32, not per-projection dropped copies, not y.
+an element) and u -- not x in float32, not per-projection dropped copies, not y. With seeded dropout
+(`lorafit.kernels.dropout`) only x and u are saved: the mask is drawn again inside the rank-r products
+(u = D(x) A^T, dA = du^T D(x), dx = D'(du A) + sum_i dy_i W_i), so D(x) never reaches memory.
 
 How this differs from PEFT: PEFT casts x to float32, draws an independent dropout mask for every
 projection and runs the rank-r products in float32 without tensor cores. Here the projections of one
@@ -25,9 +27,9 @@ import torch
 import torch.nn.functional as F
 
 from ._triton import use_triton
-from .dropout import seeded_dropout, seeded_dropout_backward_add
+from .dropout import dropout_matmul, dropout_matmul_t, matmul_dropout
 
-__all__ = ["LoraProj", "lora_group", "lora_group_reference"]
+__all__ = ["AdapterCache", "LoraProj", "lora_group", "lora_group_reference"]
 
 
 @dataclass
@@ -57,17 +59,61 @@ def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.mm(a, b).float()
 
 
+class AdapterCache:
+    """Model-dtype copies of every group's A (concatenated) and B, refreshed once per forward.
+
+    Why: casting the float32 adapters inside each call costs a cat, a cast and a scale for every group
+    and projection -- about 20 tiny kernels a decoder layer, which a CUDA-graph step pays in launch gaps.
+    `refresh()` redoes all copies in a few multi-tensor kernels (`torch._foreach_copy_`). Groups register
+    on first use; `lorafit.kernels.accelerate_model` refreshes before every decoder forward.
+    """
+
+    def __init__(self) -> None:
+        self._groups: dict[tuple[int, ...], tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]] = {}
+
+    def get(self, a_s: Sequence[torch.Tensor], b_s: Sequence[torch.Tensor],
+            dtype: torch.dtype) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(cat(A) in dtype, [B_i in dtype]) for these parameters, registering them on first sight."""
+        key = tuple(id(t) for t in (*a_s, *b_s))
+        entry = self._groups.get(key)
+        if entry is None or entry[2].dtype != dtype:
+            a_buf = torch.empty((sum(a.shape[0] for a in a_s), a_s[0].shape[1]), dtype=dtype, device=a_s[0].device)
+            views, off = [], 0
+            for a in a_s:
+                views.append(a_buf[off:off + a.shape[0]])
+                off += a.shape[0]
+            b_bufs = [torch.empty(b.shape, dtype=dtype, device=b.device) for b in b_s]
+            entry = ([*a_s, *b_s], [*views, *b_bufs], a_buf)
+            self._groups[key] = entry
+            with torch.no_grad():
+                torch._foreach_copy_(entry[1], entry[0])
+        return entry[2], entry[1][len(a_s):]
+
+    def refresh(self) -> None:
+        if self._groups:
+            with torch.no_grad():
+                src = [t for e in self._groups.values() for t in e[0]]
+                dst = [t for e in self._groups.values() for t in e[1]]
+                torch._foreach_copy_(dst, src)
+
+
 class _LoraGroupFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, mask: torch.Tensor | None, p: float, scalings: tuple[float, ...],
-                seed: torch.Tensor | None, site: int, *params: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+                seed: torch.Tensor | None, site: int, cast: tuple | None,
+                *params: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
         k = len(scalings)
         weights, biases, a_s, b_s = params[:k], params[k:2 * k], params[2 * k:3 * k], params[3 * k:]
         lead, dt = x.shape[:-1], x.dtype
         x2 = x.reshape(-1, x.shape[-1])
-        if p > 0 and seed is not None:  # mask from (seed, site): nothing to save, same on recomputation
+        a_cat, b_cast = cast if cast is not None else (torch.cat(a_s).to(dt), [b.to(dt) for b in b_s])
+        seeded = p > 0 and seed is not None
+        # One scaling for the group (the usual case): it rides in the Triton products' scale argument,
+        # u is stored already scaled (u = s D(x) A^T) and B is used as cast -- no scaling kernels at all.
+        folded = seeded and len(set(scalings)) == 1
+        if seeded:  # mask from (seed, site), drawn inside the products: D(x) is never written nor saved
             x2 = x2.contiguous()
-            xd, mask = seeded_dropout(x2, seed, site, p), None
+            xd, mask = x2, None
         elif p > 0 and mask is None:
             xd, mask = torch.native_dropout(x2, p, True)
         elif p > 0:
@@ -75,66 +121,81 @@ class _LoraGroupFn(torch.autograd.Function):
             xd = x2 * mask * (1.0 / (1.0 - p))
         else:
             xd, mask = x2, None
-        a_cat = torch.cat(a_s).to(dt)
-        u = xd @ a_cat.t()
+        if seeded:
+            u = dropout_matmul(x2, a_cat, seed, site, p, alpha=scalings[0] if folded else 1.0)
+        else:
+            u = xd @ a_cat.t()
         ranks = [a.shape[0] for a in a_s]
-        outs, b_scaled, off = [], [], 0
-        for w, bias, b, s, r in zip(weights, biases, b_s, scalings, ranks):
+        outs, b_used, off = [], [], 0
+        for w, bias, b, s, r in zip(weights, biases, b_cast, scalings, ranks):
             y = F.linear(x2, w, bias)
-            bs = (b * s).to(dt)
+            bs = b if folded else b * s
             y.addmm_(u[:, off:off + r], bs.t())
             outs.append(y.view(*lead, y.shape[-1]))
-            b_scaled.append(bs)
+            b_used.append(bs)
             off += r
-        ctx.save_for_backward(xd, mask, u, a_cat, seed if p > 0 else None, *weights, *b_scaled)
-        ctx.meta = (k, p, scalings, ranks, x.shape, [a.dtype for a in a_s], [b.dtype for b in b_s], site)
+        ctx.save_for_backward(xd, mask, u, a_cat, seed if seeded else None, *weights, *b_used)
+        ctx.meta = (k, p, scalings, ranks, x.shape, [a.dtype for a in a_s], [b.dtype for b in b_s], site, folded)
         return tuple(outs)
 
     @staticmethod
     def backward(ctx, *dys: torch.Tensor | None):
-        k, p, scalings, ranks, x_shape, a_dtypes, b_dtypes, site = ctx.meta
-        xd, mask, u, a_cat, seed, *rest = ctx.saved_tensors
-        weights, b_scaled = rest[:k], rest[k:]
+        k, p, scalings, ranks, x_shape, a_dtypes, b_dtypes, site, folded = ctx.meta
+        xd, mask, u, a_cat, seed, *rest = ctx.saved_tensors  # xd is x itself when seeded
+        weights, b_used = rest[:k], rest[k:]
         n = xd.shape[0]
         need_x = ctx.needs_input_grad[0]
-        dx, du_parts, d_b, off = None, [], [], 0
-        for i, (dy, r) in enumerate(zip(dys, ranks)):
+        flat = [None if dy is None else dy.reshape(n, dy.shape[-1]) for dy in dys]
+        du_parts, d_b, off = [], [], 0
+        for i, (dy, r) in enumerate(zip(flat, ranks)):
             if dy is None:
                 du_parts.append(u.new_zeros((n, r)))
-                d_b.append(torch.zeros_like(b_scaled[i], dtype=b_dtypes[i]))
-                off += r
-                continue
-            dy = dy.reshape(n, dy.shape[-1])
-            if need_x:
-                dx = dy @ weights[i] if dx is None else dx.addmm_(dy, weights[i])
-            du_parts.append(dy @ b_scaled[i])
-            d_b.append((_mm_f32(dy.t(), u[:, off:off + r]) * scalings[i]).to(b_dtypes[i]))
+                d_b.append(torch.zeros_like(b_used[i], dtype=b_dtypes[i]))
+            else:
+                du_parts.append(dy @ b_used[i])
+                d_b_i = _mm_f32(dy.t(), u[:, off:off + r])  # u already carries s when folded
+                d_b.append((d_b_i if folded else d_b_i * scalings[i]).to(b_dtypes[i]))
             off += r
-        du = torch.cat(du_parts, dim=1)
-        d_a_cat = _mm_f32(du.t(), xd)
+        du = torch.cat(du_parts, dim=1)  # when folded, du lacks the factor s: alpha puts it back
+        dx = None
+        if seed is not None:  # the adapter's share of dx is written first; the frozen GEMMs add to it
+            alpha = scalings[0] if folded else 1.0
+            d_a_cat = dropout_matmul_t(du, xd, seed, site, p, alpha=alpha)
+            if need_x:
+                dx = matmul_dropout(du, a_cat, seed, site, p, alpha=alpha)
+        else:
+            d_a_cat = _mm_f32(du.t(), xd)
         d_a = [g.to(dt) for g, dt in zip(d_a_cat.split(ranks), a_dtypes)]
         if need_x:
-            if dx is None:
-                dx = torch.zeros((n, x_shape[-1]), dtype=xd.dtype, device=xd.device)
-            if seed is not None:
-                seeded_dropout_backward_add(dx, du @ a_cat, seed, site, p)
-            elif mask is None:
-                dx.addmm_(du, a_cat)
-            else:
-                dx.addcmul_(du @ a_cat, mask, value=1.0 / (1.0 - p))
+            for dy, w in zip(flat, weights):
+                if dy is not None:
+                    dx = dy @ w if dx is None else dx.addmm_(dy, w)
+            if seed is None:
+                if dx is None:
+                    dx = torch.zeros((n, x_shape[-1]), dtype=xd.dtype, device=xd.device)
+                if mask is None:
+                    dx.addmm_(du, a_cat)
+                else:
+                    dx.addcmul_(du @ a_cat, mask, value=1.0 / (1.0 - p))
             dx = dx.view(x_shape)
-        return (dx, None, None, None, None, None, *([None] * (2 * k)), *d_a, *d_b)
+        return (dx, None, None, None, None, None, None, *([None] * (2 * k)), *d_a, *d_b)
+
+
+def _plain(t: torch.Tensor) -> bool:
+    """A tensor the cache may copy from (not an FSDP/DTensor shard)."""
+    return type(t) in (torch.Tensor, torch.nn.Parameter)
 
 
 def lora_group(x: torch.Tensor, projs: Sequence[LoraProj], dropout: float = 0.0, training: bool = True,
-               mask: torch.Tensor | None = None,
-               seed: tuple[torch.Tensor, int] | None = None) -> list[torch.Tensor]:
+               mask: torch.Tensor | None = None, seed: tuple[torch.Tensor, int] | None = None,
+               cache: AdapterCache | None = None) -> list[torch.Tensor]:
     """y_i = x W_i^T + b_i + s_i D(x) A_i^T B_i^T for every projection, sharing x and one dropout mask.
 
     Projections without an adapter are plain frozen linears. `mask` (bool, shape of x) replaces the
     random draw, for tests. `seed` = (DropoutSeed.value, call site) draws the mask with the seeded
-    Triton dropout instead (see lorafit.kernels.dropout; ignored where Triton cannot run). Works on
-    any device and dtype; on GPU every product hits tensor cores.
+    Triton dropout instead (see lorafit.kernels.dropout; ignored where Triton cannot run). `cache`
+    supplies the adapters already cast (GPU tensors only). Works on any device and dtype; on GPU every
+    product hits tensor cores.
     """
     adapted = [i for i, pr in enumerate(projs) if pr.lora_A is not None]
     outs: list[torch.Tensor | None] = [None] * len(projs)
@@ -145,9 +206,11 @@ def lora_group(x: torch.Tensor, projs: Sequence[LoraProj], dropout: float = 0.0,
         group = [projs[i] for i in adapted]
         p = dropout if training else 0.0
         seed_t, site = seed if seed is not None and mask is None and use_triton(x) else (None, 0)
+        a_s, b_s = [pr.lora_A for pr in group], [pr.lora_B for pr in group]
+        cast = cache.get(a_s, b_s, x.dtype) if cache is not None and all(_plain(t) for t in a_s + b_s) else None
         ys = _LoraGroupFn.apply(x, mask if p > 0 else None, p, tuple(float(pr.scaling) for pr in group),
-                                seed_t, site, *[pr.weight for pr in group], *[pr.bias for pr in group],
-                                *[pr.lora_A for pr in group], *[pr.lora_B for pr in group])
+                                seed_t, site, cast, *[pr.weight for pr in group], *[pr.bias for pr in group],
+                                *a_s, *b_s)
         for i, y in zip(adapted, ys):
             outs[i] = y
     return outs  # type: ignore[return-value]

@@ -14,6 +14,7 @@ import torch
 
 from .attention import varlen_attention, varlen_attention_reference
 from .cross_entropy import causal_lm_loss_reference, fused_causal_lm_loss
+from .dropout import DropoutSeed, seeded_keep_mask
 from .lora import LoraProj, lora_group, lora_group_reference
 from .rmsnorm import rms_norm, rms_norm_reference
 from .rotary import rope, rope_reference
@@ -110,25 +111,33 @@ def check_kernels(model: torch.nn.Module | None = None, tokens: int = 2048) -> d
     case("rope", lambda: _compare(lambda q: rope(q, cos, sin), lambda q: rope_reference(q, cos.to(q.dtype), sin.to(q.dtype)),
                                   [r(2, tokens // 2, heads, d)]))
 
-    def lora_case() -> dict:
-        shapes = [(heads * d, 16), (kv * d, 16), (kv * d, 16)]
-        ws = [r(o, hid, scale=hid ** -0.5) for o, _ in shapes]
-        a_s = [torch.randn(rk, hid, device=dev) * hid ** -0.5 for _, rk in shapes]
-        b_s = [torch.randn(o, rk, device=dev) * 0.05 for o, rk in shapes]
-        mask = torch.rand(tokens, hid, device=dev) > 0.1
+    def lora_case(d_in: int, outs: list[int], seeded: bool) -> dict:
+        ws = [r(o, d_in, scale=d_in ** -0.5) for o in outs]
+        a_s = [torch.randn(16, d_in, device=dev) * d_in ** -0.5 for _ in outs]
+        b_s = [torch.randn(o, 16, device=dev) * 0.05 for o in outs]
+        k = len(outs)
+        seed = DropoutSeed(dev, 11)
+        mask = (seeded_keep_mask((tokens, d_in), seed.value, 5, 0.1, dev) if seeded
+                else torch.rand(tokens, d_in, device=dev) > 0.1)
 
-        def run(impl: Callable) -> Callable:
+        def run(impl: Callable, fused: bool) -> Callable:
             def f(x: torch.Tensor, *ab: torch.Tensor) -> list[torch.Tensor]:
-                projs = [LoraProj(wi.to(x.dtype), None, ab[i], ab[3 + i], 2.0) for i, wi in enumerate(ws)]
+                projs = [LoraProj(wi.to(x.dtype), None, ab[i], ab[k + i], 2.0) for i, wi in enumerate(ws)]
+                if fused and seeded:
+                    return impl(x, projs, 0.1, True, seed=(seed.value, 5))
                 return impl(x, projs, 0.1, True, mask=mask)
             return f
 
-        inputs = [r(tokens, hid)] + [t.float() for t in a_s + b_s]
-        res = _compare(run(lora_group), run(lora_group_reference), inputs)
-        res["what"] = "q/k/v group, r 16, dropout 0.1 (same mask); reference = PEFT maths in float32"
+        inputs = [r(tokens, d_in)] + [t.float() for t in a_s + b_s]
+        res = _compare(run(lora_group, True), run(lora_group_reference, False), inputs)
+        res["what"] = (f"{k} projection(s) {d_in} -> {outs}, r 16, dropout 0.1 (one mask"
+                       + (", seeded: drawn inside the rank-r products" if seeded else "")
+                       + "); reference = PEFT maths in float32")
         return res
 
-    case("lora_qkv", lora_case)
+    case("lora_qkv", lambda: lora_case(hid, [heads * d, kv * d, kv * d], False))
+    case("lora_qkv_seeded", lambda: lora_case(hid, [heads * d, kv * d, kv * d], True))
+    case("lora_down_seeded", lambda: lora_case(inter, [hid], True))
 
     def ce_case() -> dict:
         head = r(vocab, hid, scale=hid ** -0.5)
