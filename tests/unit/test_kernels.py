@@ -519,3 +519,55 @@ def test_graph_snapshot_on_host_restores_parameters_and_state() -> None:
     step._restore(saved)
     assert torch.equal(w.detach(), before[0])
     assert all(torch.equal(opt.state[w][k], v) for k, v in before[1].items())
+
+
+@needs_triton
+def test_trainer_seeded_dropout_path_resumes_exactly(tiny_model_dir, tmp_path, monkeypatch) -> None:
+    """`fused_kernels: true` where Triton runs: LoRA dropout is drawn inside the fused products from the
+    run's (seed, micro-batch) and a killed run resumes to the same adapter, bit for bit."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from lorafit.config import load_config
+    from lorafit.kernels import lora as lora_mod
+    from lorafit.training import loop
+
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([{"instruction": f"Count to {i}.", "output": " ".join(map(str, range(i + 1)))}
+                                for i in range(8)]))
+
+    def cfg(out):
+        return load_config(None, dict(model=tiny_model_dir, data=[str(data)], output_dir=str(tmp_path / out),
+                                      device="cpu", lora_rank=4, lora_alpha=8, lora_dropout=0.3, batch_size=2,
+                                      max_steps=4, save_steps=2, logging_steps=1, warmup_steps=1, max_length=64,
+                                      eval_steps=1000, fused_kernels=True))
+
+    calls = {"n": 0}
+    real = lora_mod.dropout_matmul
+
+    def spy(*a, **k):
+        calls["n"] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(lora_mod, "dropout_matmul", spy)
+    ref = loop.train(cfg("ref"), progress=False).run_dir
+    assert calls["n"] > 0
+    real_loss = loop.loss_sum
+    n = {"calls": 0}
+
+    def crash_in_step_3(*a, **k):
+        n["calls"] += 1
+        if n["calls"] == 3:
+            raise KeyboardInterrupt
+        return real_loss(*a, **k)
+
+    monkeypatch.setattr(loop, "loss_sum", crash_in_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        loop.train(cfg("run"), progress=False)
+    monkeypatch.setattr(loop, "loss_sum", real_loss)
+    run = loop.train(cfg("run"), progress=False)
+    assert run.resumed_from == 2
+    a = load_file(str(ref / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(run.run_dir / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

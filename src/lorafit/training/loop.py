@@ -250,10 +250,15 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
     if cfg.gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = apply_lora(base, cfg)
+    dropout_seed = None
     if cfg.fused_kernels:
         from ..kernels import accelerate_model
+        from ..kernels._triton import use_triton
 
-        model = accelerate_model(model)
+        # Where Triton runs, LoRA dropout is drawn inside the rank-r products from a seed (the fast path,
+        # docs/speed.md); the seed is set per micro-batch below, like torch's RNG for the other paths.
+        model = accelerate_model(model, seeded_dropout=use_triton(torch.empty(0, device=device)))
+        dropout_seed = getattr(model.get_base_model(), "lorafit_dropout_seed", None)
     peft_model = model
     if cfg.fused_kernels:
         model = FusedLoss(model)  # the loss is the forward DDP wraps (see FusedLoss)
@@ -341,6 +346,8 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
             # Dropout masks are a function of the run's micro-batch index, not of the process: N processes
             # draw the masks one process would, so a run's losses do not depend on the number of GPUs.
             torch.manual_seed(cfg.seed * 1_000_003 + k)
+            if dropout_seed is not None:  # advanced once by the forward: the masks are those of (seed, k)
+                dropout_seed.value.fill_(cfg.seed * 1_000_003 + k - 1)
             with dist.no_sync(model, last=j == len(mine) - 1):
                 lsum, _ = loss_sum(model, batch, device, cfg.fused_kernels)
                 loss = lsum * (ws / max(denom, 1))
