@@ -50,3 +50,12 @@ def tiny_model_dir(tmp_path_factory, smollm2_gguf) -> str:
     model = LlamaForCausalLM(LlamaConfig(**TINY))
     model.save_pretrained(out, safe_serialization=True)
     return str(out)
+
+
+@pytest.fixture(autouse=True)
+def _triton_interpreter_only_for_kernel_tests(request, monkeypatch):
+    """tests/unit/test_kernels.py turns on Triton's interpreter (TRITON_INTERPRET=1) for the whole
+    process, so the kernels can be checked on CPU. Other tests, and the processes they start, keep the
+    plain torch paths they would take on any CPU machine: the interpreter is far too slow for them."""
+    if Path(str(request.node.fspath)).name != "test_kernels.py":
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)

@@ -3,7 +3,7 @@
 A group is k frozen linear layers fed the same input x (q, k, v; or gate, up; or one alone), each with an
 adapter (A_i: r_i x in, B_i: out_i x r_i, scale s_i) and one dropout D(x) = x * m / (1 - p):
     u = D(x) [A_1; ...; A_k]^T                       (one GEMM over x for every adapter of the group)
-    y_i = x W_i^T + b_i + s_i u_i B_i^T              (the small product added inside the GEMM, addmm_)
+    y_i = x W_i^T + b_i + s_i u_i B_i^T              (the small product first, the GEMM adds to it)
 Backward, given dy_i (no gradient for the frozen W_i, b_i):
     du_i = s_i dy_i B_i,    dB_i = s_i dy_i^T u_i,    dA = du^T D(x)   (du = [du_1 ... du_k])
     dx   = sum_i dy_i W_i + (du [A_1; ...; A_k]) * m / (1 - p)
@@ -128,9 +128,12 @@ class _LoraGroupFn(torch.autograd.Function):
         ranks = [a.shape[0] for a in a_s]
         outs, b_used, off = [], [], 0
         for w, bias, b, s, r in zip(weights, biases, b_cast, scalings, ranks):
-            y = F.linear(x2, w, bias)
             bs = b if folded else b * s
-            y.addmm_(u[:, off:off + r], bs.t())
+            # The small product is written first and the frozen GEMM adds to it in its epilogue: y is
+            # written once and read once, where GEMM-then-addmm_ writes it twice and reads it once.
+            ub = u[:, off:off + r]
+            y = torch.mm(ub, bs.t()) if bias is None else torch.addmm(bias, ub, bs.t())
+            y.addmm_(x2, w.t())
             outs.append(y.view(*lead, y.shape[-1]))
             b_used.append(bs)
             off += r
