@@ -99,7 +99,8 @@ class TrainConfig:
     dtype: str = _f("auto", f"{DTYPES}; auto: bfloat16 on GPU, float32 on CPU.")
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory.")
     packing: bool = _f(False, "Padding-free packing of examples into one row (GPU speed path).")
-    fused_kernels: bool = _f(False, "Use lorafit's fused LoRA kernels where available (GPU speed path).")
+    fused_kernels: bool = _f(False, "Use lorafit's fused LoRA kernels where available (GPU speed path); where Triton "
+                             "runs, LoRA dropout is then drawn inside the fused products from (seed, micro-batch).")
     distributed: str = _f("auto", "Under torchrun: 'ddp' (the frozen base is replicated on every GPU, only LoRA gradients "
                           "are all-reduced), 'fsdp' (FSDP2: every weight, the frozen base included, is sharded over "
                           "the GPUs and gathered one decoder layer at a time; for a base that does not fit one GPU) or "
