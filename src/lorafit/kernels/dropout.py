@@ -1,8 +1,6 @@
 """Seeded dropout: the mask is a pure function of (step seed, call site, element), never of RNG state.
 
     keep_i = hash(seed * 2^20 + site, i) >= p,     y_i = x_i * keep_i / (1 - p)
-Backward, added straight into the input gradient with the mask drawn again:
-    dx_i += g_i * keep_i / (1 - p)
 Why: activation checkpointing recomputes a layer's forward during backward and needs the same masks.
 torch.utils.checkpoint gets them by saving and restoring the CUDA RNG state, which cannot be read while
 a CUDA graph is being captured. A mask that depends only on a device-side step counter (`DropoutSeed`,
@@ -25,7 +23,7 @@ import torch
 from ._triton import tl, triton
 
 __all__ = ["DropoutSeed", "dropout_matmul", "dropout_matmul_t", "matmul_dropout", "seeded_dropout",
-           "seeded_dropout_backward_add", "seeded_keep_mask"]
+           "seeded_keep_mask"]
 
 _BLOCK = 1024
 
@@ -71,16 +69,6 @@ if triton is not None:
         x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
         y = tl.where(_keep(SEED, site, offs, p), x * scale, 0.0)
         tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
-
-    @triton.jit
-    def _dropout_bwd_add_kernel(DX, G, SEED, site, n, p, scale, BLOCK: tl.constexpr):
-        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < n
-        g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
-        dx = tl.load(DX + offs, mask=mask, other=0.0).to(tl.float32)
-        dx += tl.where(_keep(SEED, site, offs, p), g * scale, 0.0)
-        tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
-
 
     @triton.jit
     def _dropout_mm_kernel(X, A, U, SEED, site, n, K, R, k_split, p, scale,
@@ -159,12 +147,6 @@ def seeded_dropout(x: torch.Tensor, seed: torch.Tensor, site: int, p: float) -> 
     return y
 
 
-def seeded_dropout_backward_add(dx: torch.Tensor, g: torch.Tensor, seed: torch.Tensor, site: int, p: float) -> None:
-    """dx += dropout'(g): the same mask as `seeded_dropout(., seed, site, p)`, in place."""
-    n = dx.numel()
-    _dropout_bwd_add_kernel[(triton.cdiv(n, _BLOCK),)](dx, g, seed, site, n, p, 1.0 / (1.0 - p), BLOCK=_BLOCK)
-
-
 def seeded_keep_mask(shape: torch.Size | tuple[int, ...], seed: torch.Tensor, site: int, p: float,
                      device: torch.device) -> torch.Tensor:
     """The boolean keep-mask itself (for tests: feed it to the reference path)."""
@@ -184,9 +166,8 @@ def _sum_splits(part: torch.Tensor, cols: int, dtype: torch.dtype) -> torch.Tens
     return out
 
 
-# Tile sizes measured on an H100 at Llama-3-8B sizes (benchmarks/micro_dropout_mm.py): (BM, BK, warps, stages)
-# for the forward product, (BM, BN, warps, stages) for the other two; `split` spreads a reduction
-# over about two programs per SM.
+# Tile sizes measured on an H100 at Llama-3-8B sizes (benchmarks/micro_dropout_mm.py); `programs` is how many
+# programs a split reduction aims for (4 per SM of an H100's 132).
 FWD_CONFIG = dict(bm=32, bk=128, warps=4, stages=3, programs=528)
 GRAD_A_CONFIG = dict(bm=32, bn=128, warps=4, stages=3, programs=528)
 GRAD_X_CONFIG = dict(bm=64, bn=128, warps=4, stages=3)
@@ -205,6 +186,9 @@ def dropout_matmul(x: torch.Tensor, a: torch.Tensor, seed: torch.Tensor, site: i
     float32 accumulation, returned in x's dtype. D(x) is never written."""
     c = {**FWD_CONFIG, **(config or {})}
     n, k = x.shape
+    if n * k >= 2 ** 31:  # element offsets (the hash's input) are 32-bit
+        raise ValueError(f"seeded dropout takes inputs of fewer than 2^31 elements; got {n} x {k}: "
+                         "use smaller micro-batches")
     r = a.shape[0]
     rp = _rank_pad(r)
     blocks = triton.cdiv(n, c["bm"])
