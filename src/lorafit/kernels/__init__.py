@@ -1,6 +1,6 @@
 """Speed paths for LoRA training on GPU, each beside the plain PyTorch reference it must equal.
 
-One file per fused operation (rmsnorm, rope, swiglu, lora, cross_entropy, attention), packing of
+One file per fused operation (rmsnorm, rope, swiglu, lora, dropout, cross_entropy, attention), packing of
 padding-free batches (packing), the fused modules (modules) and the switch that installs them in a
 PEFT model (accelerate). On a machine without CUDA or Triton every public function takes its
 reference path, so CPU training and tests run the same code.
@@ -10,14 +10,15 @@ from .accelerate import (Acceleration, accelerate_model, causal_lm_loss, decoder
 from .attention import causal_attention, varlen_attention, varlen_attention_reference
 from .cross_entropy import causal_lm_loss_reference, fused_causal_lm_loss
 from .graphs import CudaGraphStep
-from .lora import LoraProj, lora_group, lora_group_reference
+from .dropout import DropoutSeed
+from .lora import AdapterCache, LoraProj, lora_group, lora_group_reference
 from .packing import pack_batch, pad_batch, plan_packs
 from .rmsnorm import add_rms_norm, add_rms_norm_reference, rms_norm, rms_norm_reference
 from .rotary import rope, rope_qk, rope_reference
 from .swiglu import swiglu, swiglu_reference
 
 __all__ = [
-    "Acceleration", "CudaGraphStep", "LoraProj", "accelerate_model", "add_rms_norm", "add_rms_norm_reference",
+    "Acceleration", "AdapterCache", "CudaGraphStep", "DropoutSeed", "LoraProj", "accelerate_model", "add_rms_norm", "add_rms_norm_reference",
     "causal_attention", "decoder_forward", "causal_lm_loss", "causal_lm_loss_reference", "fused_layer_body",
     "fused_causal_lm_loss", "lora_group", "lora_group_reference", "pack_batch", "pad_batch", "plan_packs",
     "restore_model", "rms_norm", "rms_norm_reference", "rope", "rope_qk", "rope_reference", "swiglu",

@@ -114,7 +114,7 @@ def accelerate_model(model: nn.Module, *, fused_lora: bool = True, fused_norm: b
     if cache is not None:
         causal.lorafit_adapter_cache = cache
     if seed is not None or cache is not None:
-        causal.lorafit_seed_hook = causal.model.register_forward_pre_hook(lambda *_: _before_forward(causal))
+        causal.lorafit_forward_hook = causal.model.register_forward_pre_hook(lambda *_: _before_forward(causal))
     for index, layer in enumerate(_layers(causal)):
         attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
         if type(attn).__name__ in ATTENTION and hasattr(attn, "head_dim"):
@@ -172,9 +172,9 @@ def restore_model(model: nn.Module) -> nn.Module:
     for name in ("lorafit_acceleration", "lorafit_dropout_seed", "lorafit_adapter_cache"):
         if hasattr(causal, name):
             delattr(causal, name)
-    if hasattr(causal, "lorafit_seed_hook"):
-        causal.lorafit_seed_hook.remove()
-        del causal.lorafit_seed_hook
+    if hasattr(causal, "lorafit_forward_hook"):
+        causal.lorafit_forward_hook.remove()
+        del causal.lorafit_forward_hook
     return model
 
 

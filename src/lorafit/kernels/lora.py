@@ -7,8 +7,8 @@ adapter (A_i: r_i x in, B_i: out_i x r_i, scale s_i) and one dropout D(x) = x * 
 Backward, given dy_i (no gradient for the frozen W_i, b_i):
     du_i = s_i dy_i B_i,    dB_i = s_i dy_i^T u_i,    dA = du^T D(x)   (du = [du_1 ... du_k])
     dx   = sum_i dy_i W_i + (du [A_1; ...; A_k]) * m / (1 - p)
-All products run in the model dtype on tensor cores; A and B stay float32 parameters (cast per call,
-they are tiny) and their gradients are accumulated in float32. Saved: D(x), the dropout mask (1 byte
+All products run in the model dtype on tensor cores; A and B stay float32 parameters (cast once per
+forward by `AdapterCache`, else per call) and their gradients are accumulated in float32. Saved: D(x), the dropout mask (1 byte
 an element) and u -- not x in float32, not per-projection dropped copies, not y. With seeded dropout
 (`lorafit.kernels.dropout`) only x and u are saved: the mask is drawn again inside the rank-r products
 (u = D(x) A^T, dA = du^T D(x), dx = D'(du A) + sum_i dy_i W_i), so D(x) never reaches memory.
