@@ -98,7 +98,8 @@ class TrainConfig:
     device: str = _f("auto", "'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:N'.")
     dtype: str = _f("auto", f"{DTYPES}; auto: bfloat16 on GPU, float32 on CPU.")
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory.")
-    packing: bool = _f(False, "Padding-free packing of examples into one row (GPU speed path).")
+    packing: bool = _f(False, "Padding-free packing: each micro-batch is one row of whole examples laid end to end, "
+                             "at most batch_size x max_length tokens, each attending only to itself (no padding).")
     fused_kernels: bool = _f(False, "Use lorafit's fused LoRA kernels where available (GPU speed path); where Triton "
                              "runs, LoRA dropout is then drawn inside the fused products from (seed, micro-batch).")
     distributed: str = _f("auto", "Under torchrun: 'ddp' (the frozen base is replicated on every GPU, only LoRA gradients "

@@ -152,3 +152,76 @@ def test_second_trainer_on_the_same_folder_is_refused(tiny_model_dir, demo_data,
         held.close()
     train(cfg_for(tiny_model_dir, demo_data, out, max_steps=1), progress=False)  # free again
     assert (out / "adapter").is_dir()
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_pack_trains_on_exactly_its_examples(tiny_model_dir, demo_data, fused):
+    """The summed loss of one packed row equals the sum over its examples trained alone: no example
+    attends to, or is trained to predict, another (HF's packed-sequence mask, or lorafit's varlen path)."""
+    from lorafit import data as D
+    from lorafit.model import apply_lora, load_model, load_tokenizer
+    from lorafit.training.loop import FusedLoss, PackedStream, loss_sum
+
+    cfg = cfg_for(tiny_model_dir, demo_data, "unused", lora_dropout=0.0, packing=True, batch_size=2, max_length=256)
+    tok = D.ensure_template(load_tokenizer(cfg.model), cfg.template)
+    enc = D.encode_all(tok, D.build_datasets(cfg).train, cfg)
+    stream = PackedStream(enc, cfg.batch_size, cfg.max_length, cfg.seed, tok.pad_token_id)
+    assert stream.per_epoch < -(-len(enc.input_ids) // cfg.batch_size)  # fewer steps than padded batches
+    assert sorted(i for pack in stream.packs for i in pack) == list(range(len(enc.input_ids)))
+    assert all(sum(len(enc.input_ids[i]) for i in p) <= cfg.batch_size * cfg.max_length or len(p) == 1
+               for p in stream.packs)
+    model = apply_lora(load_model(cfg.model, device="cpu", dtype="float32"), cfg)
+    for name, prm in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(prm, std=0.1)  # a non-trivial adapter
+    if fused:
+        from lorafit.kernels import accelerate_model
+
+        model = FusedLoss(accelerate_model(model))
+    model.eval()
+    dev = torch.device("cpu")
+    k = max(range(stream.per_epoch), key=lambda j: len(stream.indices(j)))
+    idx = stream.indices(k)
+    assert len(idx) > 1
+    with torch.no_grad():
+        packed, n_packed = loss_sum(model, stream.batch(k), dev, fused)
+        alone = [loss_sum(model, D.collate([enc.input_ids[i]], [enc.labels[i]], tok.pad_token_id), dev, fused)
+                 for i in idx]
+    assert n_packed == sum(n for _, n in alone) == stream.n_supervised(k)
+    assert abs(packed.item() - sum(l.item() for l, _ in alone)) < 1e-3 * abs(packed.item())
+
+
+def test_packed_training_runs_and_resumes_identically(tiny_model_dir, demo_data, tmp_path, monkeypatch):
+    import lorafit
+    from safetensors.torch import load_file
+
+    from lorafit.training import loop
+
+    ref = tmp_path / "ref"
+    lorafit.train(cfg_for(tiny_model_dir, demo_data, ref, packing=True, lora_dropout=0.1, max_steps=6,
+                          save_steps=2, eval_steps=6, max_length=256), progress=False)
+    start = next(r for r in records(ref) if r.get("event") == "start")
+    plain_steps = -(-start["train_examples"] // 2)
+    assert start["packing"] and start["micro_batches_per_epoch"] < plain_steps
+    losses = [r["loss"] for r in records(ref) if r["type"] == "train"]
+    assert losses[-1] < losses[0]
+    real = loop.loss_sum
+    calls = {"n": 0}
+
+    def crash_in_step_4(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    run = tmp_path / "run"
+    monkeypatch.setattr(loop, "loss_sum", crash_in_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        lorafit.train(cfg_for(tiny_model_dir, demo_data, run, packing=True, lora_dropout=0.1, max_steps=6,
+                              save_steps=2, eval_steps=6, max_length=256), progress=False)
+    monkeypatch.setattr(loop, "loss_sum", real)
+    lorafit.train(cfg_for(tiny_model_dir, demo_data, run, packing=True, lora_dropout=0.1, max_steps=6,
+                          save_steps=2, eval_steps=6, max_length=256), progress=False)
+    a = load_file(str(ref / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

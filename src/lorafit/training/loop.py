@@ -64,6 +64,45 @@ class Stream:
         return sum(sum(1 for l in self.enc.labels[i][1:] if l != -100) for i in self.indices(k))
 
 
+class PackedStream(Stream):
+    """`packing: true`: micro-batch k is one pack, examples laid end to end in a single row of at most
+    batch_size x max_length tokens (the token budget of a full padded micro-batch).
+
+    The packs are planned once, from a seeded shuffle (greedy, order kept: `plan_packs`), and each epoch
+    shuffles the packs. So every epoch has the same number of steps, which the LR schedule needs up
+    front, and a resumed or multi-process run rebuilds exactly the same micro-batches. The loss counts
+    the same supervised tokens as the padded batches: each example's first label is dropped either way.
+    """
+
+    def __init__(self, enc: D.Encoded, batch_size: int, max_length: int, seed: int, pad_id: int) -> None:
+        super().__init__(enc, batch_size, seed, pad_id)
+        from ..kernels.packing import plan_packs
+
+        order = list(range(self.n))
+        random.Random(seed * 1_000_003 - 1).shuffle(order)
+        plan = plan_packs([len(enc.input_ids[i]) for i in order], batch_size * max_length)
+        self.packs = [[order[j] for j in pack] for pack in plan]
+        self.per_epoch = len(self.packs)
+
+    def indices(self, k: int) -> list[int]:
+        epoch, chunk = divmod(k, self.per_epoch)
+        if epoch not in self._perm:
+            self._perm = {epoch: list(range(self.per_epoch))}
+            random.Random(self.seed * 1_000_003 + epoch).shuffle(self._perm[epoch])
+        return self.packs[self._perm[epoch][chunk]]
+
+    def batch(self, k: int) -> dict[str, Any]:
+        from ..kernels.packing import pack_batch
+
+        idx = self.indices(k)
+        return pack_batch([self.enc.input_ids[i] for i in idx], [self.enc.labels[i] for i in idx], pad_id=self.pad)
+
+
+def batch_tokens(batch: dict[str, Any]) -> int:
+    """Real (non-padding) tokens of a padded or packed micro-batch."""
+    return int(batch["attention_mask"].sum()) if "attention_mask" in batch else int(batch["input_ids"].numel())
+
+
 class FusedLoss(torch.nn.Module):
     """The model with lorafit's fused loss as its forward.
 
@@ -90,9 +129,11 @@ def loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor], device: tor
     if fused:  # chunked fused cross-entropy (model is a FusedLoss, maybe wrapped): no full float32 logits
         b = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         return model(fused_batch=b), int((b["labels"][:, 1:] != -100).sum())
-    ids = batch["input_ids"].to(device)
+    # Padded: input_ids + attention_mask. Packed (`pack_batch`): input_ids + position_ids, which restart
+    # per example, so transformers builds a block-diagonal mask; the varlen keys are for flash kernels.
+    inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items() if k != "labels"}
     labels = batch["labels"].to(device)
-    logits = model(input_ids=ids, attention_mask=batch["attention_mask"].to(device)).logits
+    logits = model(**inputs, use_cache=False).logits  # no KV cache (with one, HF would not see the packing)
     shift = labels[:, 1:]
     loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)).float(), shift.reshape(-1),
                            ignore_index=-100, reduction="sum")
@@ -228,7 +269,8 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
     if ga % ws:
         raise ConfigError(f"gradient_accumulation_steps ({ga}) must be a multiple of the number of processes ({ws}) "
                           "to keep the global batch", field="gradient_accumulation_steps")
-    stream = Stream(enc, cfg.batch_size, cfg.seed, tok.pad_token_id)
+    stream = (PackedStream(enc, cfg.batch_size, cfg.max_length, cfg.seed, tok.pad_token_id) if cfg.packing
+              else Stream(enc, cfg.batch_size, cfg.seed, tok.pad_token_id))
     total = cfg.max_steps if cfg.max_steps > 0 else max(1, int(cfg.num_epochs * stream.per_epoch) // ga)
     cfg.total_steps = total
     cfg.effective_warmup_steps = cfg.resolve_warmup(total)
@@ -289,7 +331,8 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
                     "effective_warmup_steps": cfg.effective_warmup_steps, "train_examples": len(enc.input_ids),
                     "general_examples": datasets.n_general, "truncated_examples": enc.n_truncated,
                     "val_sets": {k: len(v.input_ids) for k, v in val_enc.items()}, "world_size": ws,
-                    "distributed": strategy, "device": str(device)})
+                    "distributed": strategy, "device": str(device), "micro_batches_per_epoch": stream.per_epoch,
+                    "packing": bool(cfg.packing)})
     log.info("effective warmup: %d of %d steps (max(warmup_steps=%d, ceil(%.3g x %d)))",
              cfg.effective_warmup_steps, total, cfg.warmup_steps, cfg.warmup_ratio, total)
     log.info("%d training examples (%d general), %d truncated to max_length=%d", len(enc.input_ids),
@@ -353,7 +396,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
                 loss = lsum * (ws / max(denom, 1))
                 loss.backward()
             step_loss += lsum.detach().item()
-            acc_tokens += int(batch["attention_mask"].sum())
+            acc_tokens += batch_tokens(batch)
         if cfg.l2_penalty:
             # Classic L2, a penalty l2_penalty * sum(w^2) in the loss (unlike AdamW's decoupled decay),
             # applied as that term's gradient, once, to the reduced gradients (or their FSDP shards):
