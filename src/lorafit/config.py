@@ -99,7 +99,10 @@ class TrainConfig:
     dtype: str = _f("auto", f"{DTYPES}; auto: bfloat16 on GPU, float32 on CPU.")
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory.")
     packing: bool = _f(False, "Padding-free packing: each micro-batch is one row of whole examples laid end to end, "
-                             "at most batch_size x max_length tokens, each attending only to itself (no padding).")
+                             "at most pack_tokens tokens, each attending only to itself (no padding).")
+    pack_tokens: int | None = _f(None, "Tokens per pack with packing (None: batch_size x max_length). Packs hold more "
+                                 "examples than padded batches, so an epoch has fewer optimizer steps: smaller packs "
+                                 "or a higher learning_rate keep the per-epoch progress (docs/speed.md).")
     fused_kernels: bool = _f(False, "Use lorafit's fused LoRA kernels where available (GPU speed path); where Triton "
                              "runs, LoRA dropout is then drawn inside the fused products from (seed, micro-batch).")
     distributed: str = _f("auto", "Under torchrun: 'ddp' (the frozen base is replicated on every GPU, only LoRA gradients "
@@ -136,6 +139,8 @@ class TrainConfig:
         for name, value in positive.items():
             if not value > 0:
                 bad(name, f"must be > 0, got {value!r}")
+        if self.pack_tokens is not None and self.pack_tokens < 16:
+            bad("pack_tokens", f"must be >= 16 (or null for batch_size x max_length), got {self.pack_tokens!r}")
         if self.max_length < 16:
             bad("max_length", f"must be >= 16, got {self.max_length}")
         for name in ("lora_dropout", "warmup_ratio", "general_ratio", "min_lr_ratio"):

@@ -40,7 +40,8 @@ def test_unknown_key_suggests_closest_with_line(tmp_path):
 
 
 @pytest.mark.parametrize("key,value", [("lora_rank", 0), ("learning_rate", -1e-4), ("max_length", 8),
-                                       ("lora_dropout", 1.5), ("lr_scheduler", "step"), ("batch_size", "two")])
+                                       ("lora_dropout", 1.5), ("lr_scheduler", "step"), ("batch_size", "two"),
+                                       ("pack_tokens", 4)])
 def test_invalid_values_name_the_field(tmp_path, key, value):
     p = tmp_path / "c.yaml"
     p.write_text(f"model: org/m\ndata: a.json\n{key}: {value}\n")

@@ -165,11 +165,14 @@ def test_a_pack_trains_on_exactly_its_examples(tiny_model_dir, demo_data, fused)
     cfg = cfg_for(tiny_model_dir, demo_data, "unused", lora_dropout=0.0, packing=True, batch_size=2, max_length=256)
     tok = D.ensure_template(load_tokenizer(cfg.model), cfg.template)
     enc = D.encode_all(tok, D.build_datasets(cfg).train, cfg)
-    stream = PackedStream(enc, cfg.batch_size, cfg.max_length, cfg.seed, tok.pad_token_id)
+    stream = PackedStream(enc, cfg.batch_size, cfg.batch_size * cfg.max_length, cfg.seed, tok.pad_token_id)
     assert stream.per_epoch < -(-len(enc.input_ids) // cfg.batch_size)  # fewer steps than padded batches
     assert sorted(i for pack in stream.packs for i in pack) == list(range(len(enc.input_ids)))
     assert all(sum(len(enc.input_ids[i]) for i in p) <= cfg.batch_size * cfg.max_length or len(p) == 1
                for p in stream.packs)
+    small = PackedStream(enc, cfg.batch_size, 200, cfg.seed, tok.pad_token_id)  # pack_tokens: 200
+    assert small.per_epoch > stream.per_epoch
+    assert all(sum(len(enc.input_ids[i]) for i in p) <= 200 or len(p) == 1 for p in small.packs)
     model = apply_lora(load_model(cfg.model, device="cpu", dtype="float32"), cfg)
     for name, prm in model.named_parameters():
         if "lora_B" in name:

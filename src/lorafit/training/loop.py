@@ -66,7 +66,7 @@ class Stream:
 
 class PackedStream(Stream):
     """`packing: true`: micro-batch k is one pack, examples laid end to end in a single row of at most
-    batch_size x max_length tokens (the token budget of a full padded micro-batch).
+    `pack_tokens` tokens (default batch_size x max_length, the token budget of a full padded micro-batch).
 
     The packs are planned once, from a seeded shuffle (greedy, order kept: `plan_packs`), and each epoch
     shuffles the packs. So every epoch has the same number of steps, which the LR schedule needs up
@@ -74,13 +74,13 @@ class PackedStream(Stream):
     the same supervised tokens as the padded batches: each example's first label is dropped either way.
     """
 
-    def __init__(self, enc: D.Encoded, batch_size: int, max_length: int, seed: int, pad_id: int) -> None:
+    def __init__(self, enc: D.Encoded, batch_size: int, pack_tokens: int, seed: int, pad_id: int) -> None:
         super().__init__(enc, batch_size, seed, pad_id)
         from ..kernels.packing import plan_packs
 
         order = list(range(self.n))
         random.Random(seed * 1_000_003 - 1).shuffle(order)
-        plan = plan_packs([len(enc.input_ids[i]) for i in order], batch_size * max_length)
+        plan = plan_packs([len(enc.input_ids[i]) for i in order], pack_tokens)
         self.packs = [[order[j] for j in pack] for pack in plan]
         self.per_epoch = len(self.packs)
 
@@ -269,8 +269,8 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
     if ga % ws:
         raise ConfigError(f"gradient_accumulation_steps ({ga}) must be a multiple of the number of processes ({ws}) "
                           "to keep the global batch", field="gradient_accumulation_steps")
-    stream = (PackedStream(enc, cfg.batch_size, cfg.max_length, cfg.seed, tok.pad_token_id) if cfg.packing
-              else Stream(enc, cfg.batch_size, cfg.seed, tok.pad_token_id))
+    stream = (PackedStream(enc, cfg.batch_size, cfg.pack_tokens or cfg.batch_size * cfg.max_length, cfg.seed,
+                           tok.pad_token_id) if cfg.packing else Stream(enc, cfg.batch_size, cfg.seed, tok.pad_token_id))
     total = cfg.max_steps if cfg.max_steps > 0 else max(1, int(cfg.num_epochs * stream.per_epoch) // ga)
     cfg.total_steps = total
     cfg.effective_warmup_steps = cfg.resolve_warmup(total)
