@@ -17,7 +17,6 @@ import argparse
 import csv
 import json
 import random
-from collections import defaultdict
 from pathlib import Path
 
 UNSEEN_INTENTS = ["change_shipping_address", "check_refund_policy", "delete_account", "newsletter_subscription"]

@@ -59,3 +59,28 @@ def _triton_interpreter_only_for_kernel_tests(request, monkeypatch):
     plain torch paths they would take on any CPU machine: the interpreter is far too slow for them."""
     if Path(str(request.node.fspath)).name != "test_kernels.py":
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+
+
+@pytest.fixture
+def kill_training_at(monkeypatch):
+    """`kill_training_at(n)`: the n-th loss computation of lorafit's training loop raises KeyboardInterrupt,
+    as if the process died in that micro-batch; `kill_training_at(None)` puts the real one back."""
+    from lorafit.training import loop
+
+    real = loop.loss_sum
+
+    def arm(n: int | None) -> None:
+        if n is None:
+            monkeypatch.setattr(loop, "loss_sum", real)
+            return
+        calls = {"n": 0}
+
+        def dying(*a, **k):
+            calls["n"] += 1
+            if calls["n"] == n:
+                raise KeyboardInterrupt
+            return real(*a, **k)
+
+        monkeypatch.setattr(loop, "loss_sum", dying)
+
+    return arm

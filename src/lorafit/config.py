@@ -196,7 +196,6 @@ def _suggest(name: str) -> str:
 def _coerce(name: str, value: Any, source: str | None, line: int | None) -> Any:
     """Turn YAML/CLI values into the field's declared type, or raise naming the field."""
     ftype = str(FIELDS[name].type)
-    default = FIELDS[name].default
     try:
         if value is None:
             return None if "None" in ftype else _type_error()

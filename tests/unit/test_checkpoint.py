@@ -210,24 +210,16 @@ def _assert_same_run(run: Path, ref: Path) -> None:
     assert not [p.name for p in run.iterdir() if p.name.startswith(".")]
 
 
-def test_resume_skips_damaged_checkpoint_and_matches_uninterrupted(tiny_model_dir, reference, tmp_path, monkeypatch):
+def test_resume_skips_damaged_checkpoint_and_matches_uninterrupted(tiny_model_dir, reference, tmp_path,
+                                                                    kill_training_at):
     from lorafit.training import loop
 
     data, ref = reference
     run = tmp_path / "run"
-    real = loop.loss_sum
-    calls = {"n": 0}
-
-    def crash_at_step_5(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt  # the process dies during step 5
-        return real(*a, **k)
-
-    monkeypatch.setattr(loop, "loss_sum", crash_at_step_5)
+    kill_training_at(5)  # the process dies during step 5
     with pytest.raises(KeyboardInterrupt):
         loop.train(_cfg(tiny_model_dir, data, run), progress=False)
-    monkeypatch.setattr(loop, "loss_sum", real)
+    kill_training_at(None)
     assert [p.name for p in C.list_checkpoints(run / "checkpoints")] == ["step-2", "step-4"]
     _flip_byte(run / "checkpoints" / "step-4")
 
@@ -264,7 +256,7 @@ def test_crash_while_saving_final_adapter(tiny_model_dir, reference, tmp_path, m
     _assert_same_run(run, ref)
 
 
-def test_crash_while_log_is_cut_back_on_resume(tiny_model_dir, reference, tmp_path, monkeypatch):
+def test_crash_while_log_is_cut_back_on_resume(tiny_model_dir, reference, tmp_path, monkeypatch, kill_training_at):
     """On resume, log.jsonl is cut back to the lines the checkpoint had seen. A kill at the worst
     moment of that rewrite (the file truncated but not yet rewritten, or the new copy not yet renamed
     in) must not lose the lines before the checkpoint."""
@@ -275,21 +267,12 @@ def test_crash_while_log_is_cut_back_on_resume(tiny_model_dir, reference, tmp_pa
 
     data, ref = reference
     run = tmp_path / "run"
-    real = loop.loss_sum
-    calls = {"n": 0}
-
-    def crash_at_step_5(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(loop, "loss_sum", crash_at_step_5)
+    kill_training_at(5)
     with pytest.raises(KeyboardInterrupt):
         loop.train(_cfg(tiny_model_dir, data, run), progress=False)
-    monkeypatch.setattr(loop, "loss_sum", real)
+    kill_training_at(None)
 
-    real_io_open, real_open, real_replace = io.open, builtins.open, os.replace
+    real_io_open, real_replace = io.open, os.replace
 
     def killing_open(file, mode="r", *a, **k):
         f = real_io_open(file, mode, *a, **k)

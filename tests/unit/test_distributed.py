@@ -113,7 +113,7 @@ def test_fsdp_two_processes_match_one(tmp_path, tiny_model_dir):
     _run([str(one)])
     _run([str(two)], nproc=2)
     _same_adapter(tmp_path / "one", tmp_path / "fsdp")
-    (ra, la), (rb, lb) = _losses(tmp_path / "one"), _losses(tmp_path / "fsdp")
+    (_, la), (rb, lb) = _losses(tmp_path / "one"), _losses(tmp_path / "fsdp")
     assert [x[:2] for x in la] == [x[:2] for x in lb]
     for x, y in zip(la, lb):
         assert abs(x[2] - y[2]) <= 1e-5 * abs(x[2]), (x, y)

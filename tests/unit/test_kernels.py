@@ -522,7 +522,8 @@ def test_graph_snapshot_on_host_restores_parameters_and_state() -> None:
 
 
 @needs_triton
-def test_trainer_seeded_dropout_path_resumes_exactly(tiny_model_dir, tmp_path, monkeypatch) -> None:
+def test_trainer_seeded_dropout_path_resumes_exactly(tiny_model_dir, tmp_path, monkeypatch,
+                                                     kill_training_at) -> None:
     """`fused_kernels: true` where Triton runs: LoRA dropout is drawn inside the fused products from the
     run's (seed, micro-batch) and a killed run resumes to the same adapter, bit for bit."""
     import json
@@ -553,19 +554,10 @@ def test_trainer_seeded_dropout_path_resumes_exactly(tiny_model_dir, tmp_path, m
     monkeypatch.setattr(lora_mod, "dropout_matmul", spy)
     ref = loop.train(cfg("ref"), progress=False).run_dir
     assert calls["n"] > 0
-    real_loss = loop.loss_sum
-    n = {"calls": 0}
-
-    def crash_in_step_3(*a, **k):
-        n["calls"] += 1
-        if n["calls"] == 3:
-            raise KeyboardInterrupt
-        return real_loss(*a, **k)
-
-    monkeypatch.setattr(loop, "loss_sum", crash_in_step_3)
+    kill_training_at(3)
     with pytest.raises(KeyboardInterrupt):
         loop.train(cfg("run"), progress=False)
-    monkeypatch.setattr(loop, "loss_sum", real_loss)
+    kill_training_at(None)
     run = loop.train(cfg("run"), progress=False)
     assert run.resumed_from == 2
     a = load_file(str(ref / "adapter" / "adapter_model.safetensors"))

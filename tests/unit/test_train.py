@@ -194,11 +194,9 @@ def test_a_pack_trains_on_exactly_its_examples(tiny_model_dir, demo_data, fused)
     assert abs(packed.item() - sum(l.item() for l, _ in alone)) < 1e-3 * abs(packed.item())
 
 
-def test_packed_training_runs_and_resumes_identically(tiny_model_dir, demo_data, tmp_path, monkeypatch):
+def test_packed_training_runs_and_resumes_identically(tiny_model_dir, demo_data, tmp_path, kill_training_at):
     import lorafit
     from safetensors.torch import load_file
-
-    from lorafit.training import loop
 
     ref = tmp_path / "ref"
     lorafit.train(cfg_for(tiny_model_dir, demo_data, ref, packing=True, lora_dropout=0.1, max_steps=6,
@@ -208,21 +206,12 @@ def test_packed_training_runs_and_resumes_identically(tiny_model_dir, demo_data,
     assert start["packing"] and start["micro_batches_per_epoch"] < plain_steps
     losses = [r["loss"] for r in records(ref) if r["type"] == "train"]
     assert losses[-1] < losses[0]
-    real = loop.loss_sum
-    calls = {"n": 0}
-
-    def crash_in_step_4(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
     run = tmp_path / "run"
-    monkeypatch.setattr(loop, "loss_sum", crash_in_step_4)
+    kill_training_at(4)
     with pytest.raises(KeyboardInterrupt):
         lorafit.train(cfg_for(tiny_model_dir, demo_data, run, packing=True, lora_dropout=0.1, max_steps=6,
                               save_steps=2, eval_steps=6, max_length=256), progress=False)
-    monkeypatch.setattr(loop, "loss_sum", real)
+    kill_training_at(None)
     lorafit.train(cfg_for(tiny_model_dir, demo_data, run, packing=True, lora_dropout=0.1, max_steps=6,
                           save_steps=2, eval_steps=6, max_length=256), progress=False)
     a = load_file(str(ref / "adapter" / "adapter_model.safetensors"))
