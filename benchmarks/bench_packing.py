@@ -62,6 +62,7 @@ from lorafit.config import TrainConfig  # noqa: E402
 from lorafit.kernels import (CudaGraphStep, accelerate_model, causal_lm_loss, pack_batch,  # noqa: E402
                              plan_packs, restore_model)
 from lorafit.model import apply_lora, builtin_model_path, load_model, load_tokenizer, pick_device  # noqa: E402
+from lorafit.training.batches import epoch_order  # noqa: E402
 from lorafit.training.loop import evaluate_loss  # noqa: E402
 from lorafit.training.schedule import lr_at  # noqa: E402
 
@@ -122,13 +123,8 @@ def load_data(args: argparse.Namespace, cfg: TrainConfig, tok: Any) -> tuple[D.E
 
 
 def epoch_orders(n: int, seed: int, epochs: int) -> list[list[int]]:
-    """The training loop's permutation of every epoch (`lorafit.training.loop.Stream`)."""
-    orders = []
-    for epoch in range(epochs):
-        order = list(range(n))
-        random.Random(seed * 1_000_003 + epoch).shuffle(order)
-        orders.append(order)
-    return orders
+    """The training loop's permutation of every epoch (`lorafit.training.batches.epoch_order`)."""
+    return [epoch_order(n, seed, epoch) for epoch in range(epochs)]
 
 
 def pair_plan(orders: list[list[int]]) -> list[list[int]]:

@@ -160,7 +160,8 @@ def test_a_pack_trains_on_exactly_its_examples(tiny_model_dir, demo_data, fused)
     attends to, or is trained to predict, another (HF's packed-sequence mask, or lorafit's varlen path)."""
     from lorafit import data as D
     from lorafit.model import apply_lora, load_model, load_tokenizer
-    from lorafit.training.loop import FusedLoss, PackedStream, loss_sum
+    from lorafit.training.batches import PackedStream
+    from lorafit.training.loop import FusedLoss, loss_sum
 
     cfg = cfg_for(tiny_model_dir, demo_data, "unused", lora_dropout=0.0, packing=True, batch_size=2, max_length=256)
     tok = D.ensure_template(load_tokenizer(cfg.model), cfg.template)
@@ -217,3 +218,24 @@ def test_packed_training_runs_and_resumes_identically(tiny_model_dir, demo_data,
     a = load_file(str(ref / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(run / "adapter" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_seeded_dropout_size_limit_is_a_config_error():
+    """fused_kernels' seeded dropout hashes 32-bit offsets: an oversized micro-batch is refused with the
+    field to change, before the run folder is touched (the check runs before the output lock)."""
+    from types import SimpleNamespace
+
+    from lorafit.errors import ConfigError
+    from lorafit.training.loop import _check_seeded_dropout_size
+
+    llama8b = SimpleNamespace(hidden_size=4096, intermediate_size=14336)
+    ok = load_config(None, {"model": "m", "data": ["d.json"], "batch_size": 2, "max_length": 1024})
+    _check_seeded_dropout_size(ok, llama8b)
+    big = load_config(None, {"model": "m", "data": ["d.json"], "packing": True, "pack_tokens": 200_000})
+    with pytest.raises(ConfigError) as e:
+        _check_seeded_dropout_size(big, llama8b)
+    assert e.value.field == "pack_tokens" and "2^31" in str(e.value)
+    wide = load_config(None, {"model": "m", "data": ["d.json"], "batch_size": 160, "max_length": 1024})
+    with pytest.raises(ConfigError) as e:
+        _check_seeded_dropout_size(wide, llama8b)
+    assert e.value.field == "batch_size"

@@ -25,6 +25,7 @@ from ..errors import ConfigError, TrainingError
 from ..model import apply_lora, assert_finite, load_model, load_tokenizer, pick_device, pick_dtype
 from . import checkpoint as C
 from . import dist
+from .batches import PackedStream, Stream, batch_tokens
 from .schedule import lr_at
 
 log = logging.getLogger("lorafit")
@@ -39,68 +40,16 @@ class TrainResult:
     resumed_from: int | None = None
 
 
-# ------------------------------------------------------------------------------------------------
-# Micro-batches: micro-batch k of the run is chunk k % per_epoch of epoch k // per_epoch's permutation.
-# ------------------------------------------------------------------------------------------------
-class Stream:
-    def __init__(self, enc: D.Encoded, batch_size: int, seed: int, pad_id: int) -> None:
-        self.enc, self.bs, self.seed, self.pad = enc, batch_size, seed, pad_id
-        self.n = len(enc.input_ids)
-        self.per_epoch = math.ceil(self.n / batch_size)
-        self._perm: dict[int, list[int]] = {}
-
-    def indices(self, k: int) -> list[int]:
-        epoch, chunk = divmod(k, self.per_epoch)
-        if epoch not in self._perm:
-            self._perm = {epoch: list(range(self.n))}
-            random.Random(self.seed * 1_000_003 + epoch).shuffle(self._perm[epoch])
-        return self._perm[epoch][chunk * self.bs:(chunk + 1) * self.bs]
-
-    def batch(self, k: int) -> dict[str, torch.Tensor]:
-        idx = self.indices(k)
-        return D.collate([self.enc.input_ids[i] for i in idx], [self.enc.labels[i] for i in idx], self.pad)
-
-    def n_supervised(self, k: int) -> int:
-        return sum(sum(1 for l in self.enc.labels[i][1:] if l != -100) for i in self.indices(k))
-
-
-class PackedStream(Stream):
-    """`packing: true`: micro-batch k is one pack, examples laid end to end in a single row of at most
-    `pack_tokens` tokens (default batch_size x max_length, the token budget of a full padded micro-batch).
-
-    The packs are planned once, from a seeded shuffle (greedy, order kept: `plan_packs`), and each epoch
-    shuffles the packs. So every epoch has the same number of steps, which the LR schedule needs up
-    front, and a resumed or multi-process run rebuilds exactly the same micro-batches. The loss counts
-    the same supervised tokens as the padded batches: each example's first label is dropped either way.
-    """
-
-    def __init__(self, enc: D.Encoded, batch_size: int, pack_tokens: int, seed: int, pad_id: int) -> None:
-        super().__init__(enc, batch_size, seed, pad_id)
-        from ..kernels.packing import plan_packs
-
-        order = list(range(self.n))
-        random.Random(seed * 1_000_003 - 1).shuffle(order)
-        plan = plan_packs([len(enc.input_ids[i]) for i in order], pack_tokens)
-        self.packs = [[order[j] for j in pack] for pack in plan]
-        self.per_epoch = len(self.packs)
-
-    def indices(self, k: int) -> list[int]:
-        epoch, chunk = divmod(k, self.per_epoch)
-        if epoch not in self._perm:
-            self._perm = {epoch: list(range(self.per_epoch))}
-            random.Random(self.seed * 1_000_003 + epoch).shuffle(self._perm[epoch])
-        return self.packs[self._perm[epoch][chunk]]
-
-    def batch(self, k: int) -> dict[str, Any]:
-        from ..kernels.packing import pack_batch
-
-        idx = self.indices(k)
-        return pack_batch([self.enc.input_ids[i] for i in idx], [self.enc.labels[i] for i in idx], pad_id=self.pad)
-
-
-def batch_tokens(batch: dict[str, Any]) -> int:
-    """Real (non-padding) tokens of a padded or packed micro-batch."""
-    return int(batch["attention_mask"].sum()) if "attention_mask" in batch else int(batch["input_ids"].numel())
+def _check_seeded_dropout_size(cfg: TrainConfig, model_config: Any) -> None:
+    """The seeded dropout hashes 32-bit element offsets: refuse, before anything is written, micro-batches
+    whose widest LoRA input (tokens x intermediate size) would reach 2^31 elements."""
+    tokens = max(cfg.pack_tokens or cfg.batch_size * cfg.max_length, cfg.max_length) if cfg.packing \
+        else cfg.batch_size * cfg.max_length
+    width = max(getattr(model_config, "intermediate_size", 0) or 0, getattr(model_config, "hidden_size", 0) or 0)
+    if tokens * width >= 2 ** 31:
+        field = "pack_tokens" if cfg.packing else "batch_size"
+        raise ConfigError(f"{tokens} tokens per micro-batch x {width} features reach 2^31 elements, more than "
+                          "fused_kernels' seeded dropout takes; use smaller micro-batches", field=field)
 
 
 class FusedLoss(torch.nn.Module):
@@ -301,6 +250,8 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
         # docs/speed.md); the seed is set per micro-batch below, like torch's RNG for the other paths.
         model = accelerate_model(model, seeded_dropout=use_triton(torch.empty(0, device=device)))
         dropout_seed = getattr(model.get_base_model(), "lorafit_dropout_seed", None)
+        if dropout_seed is not None and cfg.lora_dropout > 0:
+            _check_seeded_dropout_size(cfg, model.get_base_model().config)
     peft_model = model
     if cfg.fused_kernels:
         model = FusedLoss(model)  # the loss is the forward DDP wraps (see FusedLoss)

@@ -1,0 +1,81 @@
+"""The training loop's micro-batches: which examples micro-batch k holds, as a pure function of (seed, k).
+
+Why a function of k: a resumed run, or one spread over N processes, must rebuild exactly the micro-batches
+an uninterrupted single process would see. Micro-batch k of the run is chunk k % per_epoch of epoch
+k // per_epoch's seeded permutation; with packing, the chunks are packs planned once.
+"""
+from __future__ import annotations
+
+import math
+import random
+from typing import Any
+
+from .. import data as D
+from ..kernels.packing import pack_batch, plan_packs
+
+__all__ = ["PackedStream", "Stream", "batch_tokens", "epoch_order"]
+
+
+def epoch_order(size: int, seed: int, epoch: int) -> list[int]:
+    """The seeded shuffle of range(size) for one epoch (epoch -1: the order packs are planned from)."""
+    order = list(range(size))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return order
+
+
+class Stream:
+    """Padded micro-batches of `batch_size` examples."""
+
+    def __init__(self, enc: D.Encoded, batch_size: int, seed: int, pad_id: int) -> None:
+        self.enc, self.bs, self.seed, self.pad = enc, batch_size, seed, pad_id
+        self.n = len(enc.input_ids)
+        self.per_epoch = math.ceil(self.n / batch_size)
+        self._perm: dict[int, list[int]] = {}
+
+    def _order(self, epoch: int, size: int) -> list[int]:
+        """epoch_order, kept for the current epoch only."""
+        if epoch not in self._perm:
+            self._perm = {epoch: epoch_order(size, self.seed, epoch)}
+        return self._perm[epoch]
+
+    def indices(self, k: int) -> list[int]:
+        epoch, chunk = divmod(k, self.per_epoch)
+        return self._order(epoch, self.n)[chunk * self.bs:(chunk + 1) * self.bs]
+
+    def batch(self, k: int) -> dict[str, Any]:
+        idx = self.indices(k)
+        return D.collate([self.enc.input_ids[i] for i in idx], [self.enc.labels[i] for i in idx], self.pad)
+
+    def n_supervised(self, k: int) -> int:
+        return sum(sum(1 for l in self.enc.labels[i][1:] if l != -100) for i in self.indices(k))
+
+
+class PackedStream(Stream):
+    """`packing: true`: micro-batch k is one pack, examples laid end to end in a single row of at most
+    `pack_tokens` tokens (default batch_size x max_length, the token budget of a full padded micro-batch).
+
+    The packs are planned once, from a seeded shuffle (greedy, order kept: `plan_packs`), and each epoch
+    shuffles the packs. So every epoch has the same number of steps, which the LR schedule needs up
+    front. The loss counts the same supervised tokens as padded batches: each example's first label is
+    dropped either way.
+    """
+
+    def __init__(self, enc: D.Encoded, batch_size: int, pack_tokens: int, seed: int, pad_id: int) -> None:
+        super().__init__(enc, batch_size, seed, pad_id)
+        order = epoch_order(self.n, seed, -1)
+        plan = plan_packs([len(enc.input_ids[i]) for i in order], pack_tokens)
+        self.packs = [[order[j] for j in pack] for pack in plan]
+        self.per_epoch = len(self.packs)
+
+    def indices(self, k: int) -> list[int]:
+        epoch, chunk = divmod(k, self.per_epoch)
+        return self.packs[self._order(epoch, self.per_epoch)[chunk]]
+
+    def batch(self, k: int) -> dict[str, Any]:
+        idx = self.indices(k)
+        return pack_batch([self.enc.input_ids[i] for i in idx], [self.enc.labels[i] for i in idx], pad_id=self.pad)
+
+
+def batch_tokens(batch: dict[str, Any]) -> int:
+    """Real (non-padding) tokens of a padded or packed micro-batch."""
+    return int(batch["attention_mask"].sum()) if "attention_mask" in batch else int(batch["input_ids"].numel())
