@@ -15,7 +15,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from micro_fold import timed  # noqa: E402
+from speed_common import timed  # noqa: E402
 
 from lorafit.kernels import dropout as D  # noqa: E402
 

@@ -1,5 +1,5 @@
 """Micro-benchmark of one decoder layer's LoRA projections (Llama-3-8B sizes, 2,048 rows), each op
-sequence captured as a CUDA graph: the current path (frozen GEMM, then the rank-r product added with
+sequence captured as a CUDA graph: run 3's path (frozen GEMM, then the rank-r product added with
 addmm_) against folding s*B into the frozen GEMM ([x | u] @ [W | s*B]^T forward, dy @ [W | s*B]
 backward gives dx and du in one GEMM), and what FP8 frozen GEMMs would give.
 
@@ -9,36 +9,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from speed_common import timed  # noqa: E402
 
 N = 2048
 GROUPS = {"qkv": (4096, [4096, 1024, 1024]), "o": (4096, [4096]), "gate_up": (4096, [14336, 14336]),
           "down": (14336, [4096])}
 R = 16
-
-
-def timed(fn, reps: int = 50) -> float:
-    """ms per call of fn replayed from a CUDA graph."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    g.replay()
-    torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(reps):
-        g.replay()
-    b.record()
-    b.synchronize()
-    return a.elapsed_time(b) / reps
 
 
 def group_bench(name: str, d_in: int, outs: list[int]) -> dict:

@@ -145,6 +145,28 @@ def time_steps(model: Any, batches: list[dict], steps: int, warmup: int, lr: flo
             "timed_batches": timed, **extra}
 
 
+def timed(fn: Callable[[], Any], reps: int = 50) -> float:
+    """ms per call of fn replayed from a CUDA graph (kernel micro-benchmarks: no launch gaps)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    g.replay()
+    torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(reps):
+        g.replay()
+    b.record()
+    b.synchronize()
+    return a.elapsed_time(b) / reps
+
+
 def random_batches(vocab: int, n: int, batch: int, length: int, seed: int, motif: int = 0) -> list[dict]:
     """Random token rows; with `motif` > 0 each row repeats a random motif (learnable, for parity)."""
     g = torch.Generator().manual_seed(seed)
