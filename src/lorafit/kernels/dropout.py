@@ -13,8 +13,9 @@ Because the mask can be drawn anywhere, the LoRA products never need the dropped
     dropout_matmul:    u  = D(x) A^T          (forward: x read once, no D(x) written)
     dropout_matmul_t:  dA = g^T D(x)          (backward: the same mask drawn again from x)
     matmul_dropout:    dx = D'(g A)           (backward: the input gradient, written once)
-The hash is murmur3's 32-bit finaliser of (element index, key): a few integer operations an element,
-where Philox (tl.rand) costs tens; dropout needs independent uniform-looking bits, not a stream cipher.
+The hash is murmur3's 32-bit finaliser of (element index, key): three multiplies and a few shifts an
+element, where Philox (tl.rand) runs ten rounds; dropout needs independent uniform-looking bits, not a
+stream cipher. The element index is 32-bit, so one input holds fewer than 2^31 elements.
 """
 from __future__ import annotations
 

@@ -8,10 +8,12 @@ Backward, given dy_i (no gradient for the frozen W_i, b_i):
     du_i = s_i dy_i B_i,    dB_i = s_i dy_i^T u_i,    dA = du^T D(x)   (du = [du_1 ... du_k])
     dx   = sum_i dy_i W_i + (du [A_1; ...; A_k]) * m / (1 - p)
 All products run in the model dtype on tensor cores; A and B stay float32 parameters (cast once per
-forward by `AdapterCache`, else per call) and their gradients are accumulated in float32. Saved: D(x), the dropout mask (1 byte
-an element) and u -- not x in float32, not per-projection dropped copies, not y. With seeded dropout
-(`lorafit.kernels.dropout`) only x and u are saved: the mask is drawn again inside the rank-r products
-(u = D(x) A^T, dA = du^T D(x), dx = D'(du A) + sum_i dy_i W_i), so D(x) never reaches memory.
+forward by `AdapterCache`, else per call) and their gradients are accumulated in float32. When the
+group shares one scaling s (the usual case), u is stored as s u, so s costs one scaling per group
+instead of one per projection. Saved: D(x), the dropout mask (1 byte an element) and u -- not x in
+float32, not per-projection dropped copies, not y. With seeded dropout (`lorafit.kernels.dropout`)
+only x and u are saved: the mask is drawn again inside the rank-r products (u = D(x) A^T,
+dA = du^T D(x), dx = D'(du A) + sum_i dy_i W_i), so D(x) never reaches memory.
 
 How this differs from PEFT: PEFT casts x to float32, draws an independent dropout mask for every
 projection and runs the rank-r products in float32 without tensor cores. Here the projections of one
@@ -108,9 +110,11 @@ class _LoraGroupFn(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         a_cat, b_cast = cast if cast is not None else (torch.cat(a_s).to(dt), [b.to(dt) for b in b_s])
         seeded = p > 0 and seed is not None
-        # One scaling for the group (the usual case): it rides in the Triton products' scale argument,
-        # u is stored already scaled (u = s D(x) A^T) and B is used as cast -- no scaling kernels at all.
-        folded = seeded and len(set(scalings)) == 1
+        # One scaling for the group (the usual case): u is stored already scaled (u = s D(x) A^T) and B is
+        # used as cast -- one scaling per group, and none at all on the seeded path, where s rides in the
+        # Triton products' scale argument. Mixed scalings scale each B instead.
+        folded = len(set(scalings)) == 1
+        s0 = scalings[0] if folded else 1.0
         if seeded:  # mask from (seed, site), drawn inside the products: D(x) is never written nor saved
             x2 = x2.contiguous()
             xd, mask = x2, None
@@ -122,9 +126,11 @@ class _LoraGroupFn(torch.autograd.Function):
         else:
             xd, mask = x2, None
         if seeded:
-            u = dropout_matmul(x2, a_cat, seed, site, p, alpha=scalings[0] if folded else 1.0)
+            u = dropout_matmul(x2, a_cat, seed, site, p, alpha=s0)
         else:
             u = xd @ a_cat.t()
+            if s0 != 1.0:
+                u.mul_(s0)
         ranks = [a.shape[0] for a in a_s]
         outs, b_used, off = [], [], 0
         for w, bias, b, s, r in zip(weights, biases, b_cast, scalings, ranks):
@@ -160,14 +166,16 @@ class _LoraGroupFn(torch.autograd.Function):
                 d_b.append((d_b_i if folded else d_b_i * scalings[i]).to(b_dtypes[i]))
             off += r
         du = torch.cat(du_parts, dim=1)  # when folded, du lacks the factor s: alpha puts it back
+        alpha = scalings[0] if folded else 1.0
         dx = None
         if seed is not None:  # the adapter's share of dx is written first; the frozen GEMMs add to it
-            alpha = scalings[0] if folded else 1.0
             d_a_cat = dropout_matmul_t(du, xd, seed, site, p, alpha=alpha)
             if need_x:
                 dx = matmul_dropout(du, a_cat, seed, site, p, alpha=alpha)
         else:
             d_a_cat = _mm_f32(du.t(), xd)
+            if alpha != 1.0:
+                d_a_cat.mul_(alpha)
         d_a = [g.to(dt) for g, dt in zip(d_a_cat.split(ranks), a_dtypes)]
         if need_x:
             for dy, w in zip(flat, weights):
@@ -177,9 +185,9 @@ class _LoraGroupFn(torch.autograd.Function):
                 if dx is None:
                     dx = torch.zeros((n, x_shape[-1]), dtype=xd.dtype, device=xd.device)
                 if mask is None:
-                    dx.addmm_(du, a_cat)
+                    dx.addmm_(du, a_cat, alpha=alpha)
                 else:
-                    dx.addcmul_(du @ a_cat, mask, value=1.0 / (1.0 - p))
+                    dx.addcmul_(du @ a_cat, mask, value=alpha / (1.0 - p))
             dx = dx.view(x_shape)
         return (dx, None, None, None, None, None, None, *([None] * (2 * k)), *d_a, *d_b)
 
@@ -197,7 +205,7 @@ def lora_group(x: torch.Tensor, projs: Sequence[LoraProj], dropout: float = 0.0,
     Projections without an adapter are plain frozen linears. `mask` (bool, shape of x) replaces the
     random draw, for tests. `seed` = (DropoutSeed.value, call site) draws the mask with the seeded
     Triton dropout instead (see lorafit.kernels.dropout; ignored where Triton cannot run). `cache`
-    supplies the adapters already cast (GPU tensors only). Works on any device and dtype; on GPU every
+    supplies the adapters already cast (plain tensors only, not DTensor shards). Works on any device and dtype; on GPU every
     product hits tensor cores.
     """
     adapted = [i for i, pr in enumerate(projs) if pr.lora_A is not None]
