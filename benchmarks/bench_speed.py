@@ -62,6 +62,13 @@ LEVERS: dict[str, tuple[dict, bool, bool]] = {
 }
 
 
+# The timed rows: name -> (accelerate_model flags, None for the baseline; capture as a CUDA graph).
+VARIANTS: dict[str, tuple[dict | None, bool]] = {
+    "baseline": (None, False), "ours": ({}, False), "ours+graph": ({}, True),
+    "ours+graph,seeded": ({"seeded_dropout": True}, True)}
+PARITY_CONFIGS = ("ours", "best", "best+ckpt", "seeded", "seeded+ckpt")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=sorted(SHAPES), default="llama3-8b")
@@ -92,6 +99,15 @@ def main() -> None:
     ap.add_argument("--make-packing-data", metavar="CSV", help="tokenize this data file to --out and exit (CPU)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
+    # Arguments are checked before the model is built: a typo must not cost a GPU minute.
+    try:
+        wanted_rows = _split_rows(args.rows, VARIANTS) if args.rows else list(VARIANTS)
+    except ValueError as e:
+        ap.error(str(e))
+    parity_configs = [c for c in args.parity_configs.split(",") if c]
+    unknown = set(parity_configs) - set(PARITY_CONFIGS)
+    if unknown:
+        ap.error(f"--parity-configs: unknown {sorted(unknown)}; known: {list(PARITY_CONFIGS)}")
     if args.make_packing_data:
         return make_packing_data(args.make_packing_data, args.out)
     if not torch.cuda.is_available():
@@ -131,12 +147,7 @@ def main() -> None:
         save()
 
     modes = {"off": [False], "on": [True], "both": [False, True]}[args.checkpointing]
-    # name -> (accelerate_model flags, None for the baseline; capture as a CUDA graph)
-    variants = {"baseline": (None, False), "ours": ({}, False), "ours+graph": ({}, True),
-                "ours+graph,seeded": ({"seeded_dropout": True}, True)}
-    if args.rows:
-        wanted_rows = _split_rows(args.rows, variants)
-        variants = {k: v for k, v in variants.items() if k in wanted_rows}
+    variants = {k: v for k, v in VARIANTS.items() if k in wanted_rows}
     if args.baseline_only:
         variants = {"baseline": variants["baseline"]}
     elif args.ours_only:
@@ -164,10 +175,6 @@ def main() -> None:
     run_variants(graphs=False)  # eager first: a failed capture must not cost the reference numbers
     guarded(results, "grad_parity", lambda: grad_parity(model, batches[0], init))
     save()
-    parity_configs = [c for c in args.parity_configs.split(",") if c]
-    unknown = set(parity_configs) - {"ours", "best", "best+ckpt", "seeded", "seeded+ckpt"}
-    if unknown:
-        sys.exit(f"--parity-configs: unknown {sorted(unknown)}")
     if args.parity_steps and "ours" in parity_configs:
         guarded(results, "loss_parity", lambda: loss_parity(model, vocab, args.parity_steps, init, args.parity_lr))
         save()
@@ -219,7 +226,7 @@ def _split_rows(text: str, known: dict) -> list[str]:
     while rest:
         name = max((k for k in known if rest == k or rest.startswith(k + ",")), key=len, default=None)
         if name is None:
-            sys.exit(f"--rows: cannot read {rest!r}; known: {sorted(known)}")
+            raise ValueError(f"--rows: cannot read {rest!r}; known: {sorted(known)}")
         rows.append(name)
         rest = rest[len(name) + 1:]
     return rows

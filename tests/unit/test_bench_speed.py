@@ -1,9 +1,9 @@
-"""benchmarks/bench_speed.py's row selection: row names contain commas, so `--rows` is read against the
-known names (longest match first), and an unknown name stops the run before any model is built."""
+"""benchmarks/bench_speed.py's arguments: row names contain commas, so `--rows` is read against the known
+names (longest match first); an unknown row or parity config stops the run (exit 2) before any work."""
 from __future__ import annotations
 
 import importlib.util
-import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -26,6 +26,15 @@ def test_rows_with_commas_in_their_names():
     assert split("ours+graph,baseline", KNOWN) == ["ours+graph", "baseline"]
 
 
-def test_unknown_row_stops_the_run():
-    with pytest.raises(SystemExit, match=re.escape("cannot read 'ours+fast'")):
-        _bench()._split_rows("baseline,ours+fast", KNOWN)
+@pytest.mark.parametrize("bad,said", [(["--rows", "baseline,ours+fast"], "cannot read 'ours+fast'"),
+                                      (["--parity-configs", "seeded,fastest"], "unknown ['fastest']")])
+def test_bad_arguments_stop_the_run_before_any_work(tmp_path, monkeypatch, capsys, bad, said):
+    """Exit 2 with the reason, before a model is built or the output file is written."""
+    bench = _bench()
+    out = tmp_path / "x.json"
+    monkeypatch.setattr(sys, "argv", ["bench_speed.py", *bad, "--out", str(out)])
+    monkeypatch.setattr(bench, "build", lambda *a, **k: pytest.fail("built a model despite bad arguments"))
+    with pytest.raises(SystemExit) as e:
+        bench.main()
+    assert e.value.code == 2 and said in capsys.readouterr().err
+    assert not out.exists()
