@@ -1,27 +1,23 @@
 """Every fast path in lorafit.kernels equals its reference, forward and gradients, on small shapes.
 
-The Triton kernels run on CPU through Triton's interpreter when triton is importable (this module turns
-the interpreter on if it is imported before lorafit.kernels and there is no GPU); without triton those
+The Triton kernels run on CPU through Triton's interpreter when triton is importable (tests/conftest.py
+turns the interpreter on before anything imports lorafit.kernels, when there is no GPU); without triton those
 cases skip and the pure-torch fused paths (LoRA groups, chunked cross-entropy, packing, the fused
 modules' fallbacks) are still checked. GPU timings and errors at model sizes: benchmarks/bench_speed.py.
 """
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before lorafit.kernels decorates its kernels
-
-import lorafit.kernels.cross_entropy as ce_mod  # noqa: E402
-from lorafit.kernels import (LoraProj, accelerate_model, causal_lm_loss, causal_lm_loss_reference,  # noqa: E402
+import lorafit.kernels.cross_entropy as ce_mod
+from lorafit.kernels import (LoraProj, accelerate_model, causal_lm_loss, causal_lm_loss_reference,
                              fused_causal_lm_loss, lora_group, lora_group_reference, pack_batch, pad_batch,
                              plan_packs, restore_model, rms_norm, rms_norm_reference, rope, rope_reference,
                              swiglu, swiglu_reference, varlen_attention_reference)
-from lorafit.kernels._triton import use_triton  # noqa: E402
-from lorafit.kernels.modules import FusedAttention, FusedMLP, FusedRMSNorm  # noqa: E402
+from lorafit.kernels._triton import use_triton
+from lorafit.kernels.modules import FusedAttention, FusedMLP, FusedRMSNorm
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 needs_triton = pytest.mark.skipif(not use_triton(torch.empty(0, device=DEV)),
