@@ -69,8 +69,9 @@ class TrainConfig:
     num_epochs: float = _f(5, "Training epochs.")
     max_steps: int = _f(-1, "Stop after this many optimizer steps (-1: num_epochs decides).")
     learning_rate: float = _f(1e-4, "Peak learning rate (AdamW).")
-    batch_size: int = _f(2, "Examples per device per micro-batch.")
-    gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.")
+    batch_size: int = _f(2, "Examples per device per micro-batch (as in HF Trainer and LLaMA-Factory): the global batch "
+                         "is batch_size x gradient_accumulation_steps x number of processes.")
+    gradient_accumulation_steps: int = _f(1, "Micro-batches per device per optimizer step.")
     lr_scheduler: str = _f("cosine", f"Decay after warmup: one of {SCHEDULERS} (inverse_sqrt is the Transformer paper's).")
     min_lr_ratio: float = _f(0.0, "Floor of the decay as a share of the peak LR (cosine/linear).")
     warmup_ratio: float = _f(0.1, "Warmup as a share of total steps (combined with warmup_steps by taking the larger).")
@@ -110,6 +111,16 @@ class TrainConfig:
                           "the GPUs and gathered one decoder layer at a time; for a base that does not fit one GPU) or "
                           "'auto': FSDP when the base's parameters take more than 60% of one GPU's memory, else DDP; "
                           "always DDP on CPU.")
+    dist_timeout: float = _f(600.0, "Under torchrun: seconds a process may wait in one collective (a gradient "
+                             "reduction, an evaluation's all-reduce, a checkpoint barrier) before the run stops with "
+                             "an error naming the phase, exit status 1, instead of hanging.")
+    report_to: list[str] = _f([], "Experiment trackers that mirror log.jsonl (the source of truth): any of "
+                              "tensorboard, wandb (offline unless configured), mlflow (file store in the run folder).")
+    # --- evaluation extras ---------------------------------------------------------------------
+    benchmarks: list[str] = _f([], "Multiple-choice benchmark folders (MMLU/CMMLU layout) scored before vs after by "
+                               "`lorafit eval` for forgetting.")
+    forgetting_budget: float = _f(0.02, "`lorafit eval --checkpoints --select`: the largest relative rise of the general "
+                                  "set's loss over the base that a selected checkpoint may have.")
     # --- resolved at run time (written to the run's config.yaml, ignored on input) -------------
     effective_warmup_steps: int | None = _f(None, "Resolved: warmup steps actually used (see warmup rule).", resolved=True)
     total_steps: int | None = _f(None, "Resolved: optimizer steps of the run.", resolved=True)
