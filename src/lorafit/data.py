@@ -14,18 +14,17 @@ and the prompt keeps its *last* tokens (the question and assistant header sit ne
 """
 from __future__ import annotations
 
-import csv
-import io
 import json
 import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 
 from .errors import DataError
+from .readers import json_limit, read_text, records_csv, records_json
 
 ALIASES = {
     "instruction": ("instruction", "prompt", "question", "query", "mr"),
@@ -65,72 +64,6 @@ class Example:
 # ------------------------------------------------------------------------------------------------
 # Reading files
 # ------------------------------------------------------------------------------------------------
-def _read_text(path: Path) -> str:
-    if not path.is_file():
-        raise DataError("file not found", file=str(path))
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise DataError(f"not valid UTF-8 (byte {e.start}); convert the file to UTF-8", file=str(path), line=line) from None
-    if not text.strip():
-        raise DataError("file is empty", file=str(path))
-    return text
-
-
-def _records_json(path: Path, text: str) -> Iterable[tuple[int, Any]]:
-    """Yield (line, record) from a JSON array or JSON lines file, with the line of each record."""
-    stripped = text.lstrip()
-    if stripped.startswith("["):
-        dec = json.JSONDecoder()
-        pos = text.index("[") + 1
-        n = len(text)
-        while True:
-            while pos < n and text[pos] in " \t\r\n,":
-                pos += 1
-            if pos >= n:
-                raise DataError("unterminated JSON array (file truncated?)", file=str(path), line=text.count("\n") + 1)
-            if text[pos] == "]":
-                return
-            line = text.count("\n", 0, pos) + 1
-            try:
-                obj, pos = dec.raw_decode(text, pos)
-            except json.JSONDecodeError as e:
-                raise DataError(f"invalid JSON: {e.msg}", file=str(path), line=text.count("\n", 0, e.pos) + 1) from None
-            except (RecursionError, ValueError) as e:
-                raise DataError(f"invalid JSON: {_json_limit(e)}", file=str(path), line=line) from None
-            yield line, obj
-    else:
-        for i, ln in enumerate(text.splitlines(), 1):
-            if not ln.strip():
-                continue
-            try:
-                yield i, json.loads(ln)
-            except json.JSONDecodeError as e:
-                raise DataError(f"invalid JSON line: {e.msg} (column {e.colno})", file=str(path), line=i) from None
-            except (RecursionError, ValueError) as e:
-                raise DataError(f"invalid JSON line: {_json_limit(e)}", file=str(path), line=i) from None
-
-
-def _json_limit(e: Exception) -> str:
-    """json's failures that are not JSONDecodeError: nesting deeper than the recursion limit, huge ints."""
-    return "nested too deeply" if isinstance(e, RecursionError) else str(e).split(":")[0]
-
-
-def _records_csv(path: Path, text: str) -> Iterable[tuple[int, Any]]:
-    reader = csv.DictReader(io.StringIO(text, newline=""))  # newline="": csv itself splits \r, \n, \r\n
-    try:
-        if not reader.fieldnames:
-            raise DataError("CSV has no header row", file=str(path), line=1)
-        for row in reader:
-            if None in row:
-                raise DataError("row has more fields than the header", file=str(path), line=reader.line_num)
-            yield reader.line_num, row
-    except csv.Error as e:  # DictReader.line_num is only updated after a good row: ask its reader
-        raise DataError(f"malformed CSV: {e}", file=str(path), line=reader.reader.line_num) from None
-
-
 def _pick(rec: dict, key: str, columns: dict[str, str]) -> Any:
     if key in columns:
         return rec.get(columns[key])
@@ -242,11 +175,11 @@ def _dataset_info(spec: str) -> tuple[Path, str, dict[str, str], dict[str, str]]
     info_path, _, name = spec.partition("#")
     p = Path(info_path)
     try:
-        info = json.loads(_read_text(p))
+        info = json.loads(read_text(p))
     except json.JSONDecodeError as e:
         raise DataError(f"invalid JSON: {e.msg}", file=str(p), line=e.lineno) from None
     except (RecursionError, ValueError) as e:
-        raise DataError(f"invalid JSON: {_json_limit(e)}", file=str(p)) from None
+        raise DataError(f"invalid JSON: {json_limit(e)}", file=str(p)) from None
     if not isinstance(info, dict):
         raise DataError("must be a JSON object mapping dataset names to entries", file=str(p))
     if not name:
@@ -272,6 +205,21 @@ def _dataset_info(spec: str) -> tuple[Path, str, dict[str, str], dict[str, str]]
     return p.parent / entry["file_name"], fmt, columns, dict(entry.get("tags", {}))
 
 
+def _messages(rec: Any, p: Path, line: int, fmt: str, columns: dict[str, str],
+              tags: dict[str, str]) -> list[dict[str, str]]:
+    """One record in any supported format -> chat messages ending with the answer."""
+    if not isinstance(rec, dict):
+        raise DataError(f"record must be a JSON object, got {type(rec).__name__}", file=str(p), line=line)
+    kind = _detect(rec, columns) if fmt == "auto" else fmt
+    if kind == "sharegpt":
+        return _sharegpt(rec, p, line, columns, tags)
+    if kind == "text":
+        return _text(rec, p, line, columns)
+    if kind == "alpaca":
+        return _alpaca(rec, p, line, columns)
+    raise DataError(f"unknown format {kind!r}", file=str(p), field="format")
+
+
 def read_examples(path: str | Path, fmt: str = "auto", columns: dict[str, str] | None = None) -> list[Example]:
     """Read one data file into Examples; raises DataError naming file, line and field."""
     spec = str(path)
@@ -284,21 +232,19 @@ def read_examples(path: str | Path, fmt: str = "auto", columns: dict[str, str] |
     suffix = p.suffix.lower()
     if suffix not in (".json", ".jsonl", ".csv"):
         raise DataError(f"unknown file type {suffix or '(none)'!r}: expected .json, .jsonl or .csv", file=str(p))
-    text = _read_text(p)
-    records = _records_csv(p, text) if suffix == ".csv" else _records_json(p, text)
+    text = read_text(p)
+    records = records_csv(p, text) if suffix == ".csv" else records_json(p, text)
+    in_array = suffix != ".csv" and text.lstrip().startswith("[")
     out: list[Example] = []
-    for line, rec in records:
-        if not isinstance(rec, dict):
-            raise DataError(f"record must be a JSON object, got {type(rec).__name__}", file=str(p), line=line)
-        kind = _detect(rec, columns) if fmt == "auto" else fmt
-        if kind == "sharegpt":
-            msgs = _sharegpt(rec, p, line, columns, tags)
-        elif kind == "text":
-            msgs = _text(rec, p, line, columns)
-        elif kind == "alpaca":
-            msgs = _alpaca(rec, p, line, columns)
-        else:
-            raise DataError(f"unknown format {kind!r}", file=str(p), field="format")
+    for index, (line, rec) in enumerate(records, 1):
+        try:
+            msgs = _messages(rec, p, line, fmt, columns, tags)
+        except DataError as e:
+            if not in_array or e.line is None:
+                raise
+            # In an array the line alone may not find the record (a one-line file is all line 1).
+            raise DataError(f"{e.message} (record {index:,} of the array)", file=e.file, line=e.line,
+                            field=e.field) from None
         out.append(Example(msgs, str(p), line))
     if not out:
         raise DataError("no records", file=str(p))
