@@ -16,6 +16,7 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -23,12 +24,15 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
+from .safeyaml import load as load_yaml
+from .safeyaml import short
 
 SCHEDULERS = ("cosine", "linear", "inverse_sqrt", "constant")
 FORMATS = ("auto", "alpaca", "sharegpt", "text")
 METRIC_MODES = ("llamafactory", "standard")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 AUGMENTATIONS = ("none", "prompt_variants", "word_dropout", "swap_adjacent")
+TRACKERS = ("tensorboard", "wandb", "mlflow")
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -124,6 +128,9 @@ class TrainConfig:
     # --- resolved at run time (written to the run's config.yaml, ignored on input) -------------
     effective_warmup_steps: int | None = _f(None, "Resolved: warmup steps actually used (see warmup rule).", resolved=True)
     total_steps: int | None = _f(None, "Resolved: optimizer steps of the run.", resolved=True)
+    global_batch_size: int | None = _f(None, "Resolved: examples per optimizer step (batch_size x "
+                                       "gradient_accumulation_steps x processes).", resolved=True)
+    world_size: int | None = _f(None, "Resolved: number of processes the run was started with.", resolved=True)
 
     # ------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -139,54 +146,44 @@ class TrainConfig:
             bad("model", "is required (a local folder, a .gguf file or a hub id)")
         if not self.data:
             bad("data", "is required (one training file or a list)")
-        positive = {"learning_rate": self.learning_rate, "lora_rank": self.lora_rank,
-                    "batch_size": self.batch_size, "num_epochs": self.num_epochs,
-                    "gradient_accumulation_steps": self.gradient_accumulation_steps,
-                    "lora_alpha": self.lora_alpha, "eval_steps": self.eval_steps,
-                    "logging_steps": self.logging_steps, "save_steps": self.save_steps,
-                    "eval_batch_size": self.eval_batch_size, "max_new_tokens": self.max_new_tokens,
-                    "save_total_limit": self.save_total_limit, "augment_copies": self.augment_copies,
-                    "max_nonfinite_steps": self.max_nonfinite_steps}
-        for name, value in positive.items():
-            if not value > 0:
-                bad(name, f"must be > 0, got {value!r}")
-        if self.pack_tokens is not None and self.pack_tokens < 16:
-            bad("pack_tokens", f"must be >= 16 (or null for batch_size x max_length), got {self.pack_tokens!r}")
-        if self.max_length < 16:
-            bad("max_length", f"must be >= 16, got {self.max_length}")
-        for name in ("lora_dropout", "warmup_ratio", "general_ratio", "min_lr_ratio"):
-            v = getattr(self, name)
-            if not 0.0 <= v < 1.0 or (name == "min_lr_ratio" and v > 1):
-                bad(name, f"must be in [0, 1), got {v!r}")
-        for name in ("warmup_steps", "early_stopping_patience"):
-            if getattr(self, name) < 0:
-                bad(name, f"must be >= 0, got {getattr(self, name)!r}")
-        for name in ("weight_decay", "l2_penalty", "max_grad_norm", "val_size"):
-            if getattr(self, name) < 0:
-                bad(name, f"must be >= 0, got {getattr(self, name)!r}")
+        for name in NUMERIC:
+            problem = _out_of_range(name, getattr(self, name))
+            if problem:
+                bad(name, problem)
         if self.val_size >= 1 and self.val_size != int(self.val_size):
             bad("val_size", "must be a share in (0, 1) or a whole number of examples")
+        for name, allowed in (("report_to", TRACKERS),):
+            unknown = [v for v in getattr(self, name) if v not in allowed]
+            if unknown:
+                bad(name, f"unknown {short(unknown[0])}; expected some of {allowed}")
+        for name in ("benchmarks", "general_data", "data"):
+            if any(not v.strip() or "\0" in v for v in getattr(self, name)):
+                bad(name, "holds an empty path or a NUL byte")
+        if isinstance(self.target_modules, list) and (not self.target_modules or not all(
+                m.strip() for m in self.target_modules)):
+            bad("target_modules", "must be 'all-linear' or a non-empty list of module names "
+                "(checked against the model when it loads)")
         if self.lr_scheduler not in SCHEDULERS:
-            bad("lr_scheduler", f"must be one of {SCHEDULERS}, got {self.lr_scheduler!r}")
+            bad("lr_scheduler", f"must be one of {SCHEDULERS}, got {short(self.lr_scheduler)}")
         if self.format not in FORMATS:
-            bad("format", f"unknown format {self.format!r}; expected one of {FORMATS}")
+            bad("format", f"unknown format {short(self.format)}; expected one of {FORMATS}")
         if self.metric_mode not in METRIC_MODES:
-            bad("metric_mode", f"must be one of {METRIC_MODES}, got {self.metric_mode!r}")
+            bad("metric_mode", f"must be one of {METRIC_MODES}, got {short(self.metric_mode)}")
         if self.dtype not in DTYPES:
-            bad("dtype", f"must be one of {DTYPES}, got {self.dtype!r}")
+            bad("dtype", f"must be one of {DTYPES}, got {short(self.dtype)}")
         if self.template not in ("auto", "chatml"):
-            bad("template", f"unknown template {self.template!r}; expected 'auto' or 'chatml'")
+            bad("template", f"unknown template {short(self.template)}; expected 'auto' or 'chatml'")
         for a in self.augment:
             if a not in AUGMENTATIONS:
-                bad("augment", f"unknown augmentation {a!r}; expected some of {AUGMENTATIONS[1:]}")
+                bad("augment", f"unknown augmentation {short(a)}; expected some of {AUGMENTATIONS[1:]}")
         if self.general_ratio > 0 and not self.general_data:
             bad("general_ratio", "is > 0 but general_data lists no files")
         if self.distributed not in ("auto", "ddp", "fsdp"):
-            bad("distributed", f"must be auto, ddp or fsdp, got {self.distributed!r}")
+            bad("distributed", f"must be auto, ddp or fsdp, got {short(self.distributed)}")
         if self.distributed == "fsdp" and self.fused_kernels:
             bad("fused_kernels", "is not supported with distributed: fsdp (set one of them differently)")
-        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
-            bad("device", f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if not (self.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", self.device)):
+            bad("device", f"must be auto, cpu, cuda or cuda:N, got {short(self.device)}")
         return self
 
     def resolve_warmup(self, total_steps: int) -> int:
@@ -195,6 +192,51 @@ class TrainConfig:
 
 
 FIELDS = {f.name: f for f in fields(TrainConfig)}
+
+# The valid range of every number in the schema (docs/reliability.md lists them): "[lo, hi]" with
+# "(" / ")" for an excluded end. "inf" is the type's limit: any finite float, or INT_MAX for an int
+# (so every integer fits torch, numpy and YAML; a 5,000-digit one is refused, not carried around).
+# Optional counts (None = no limit) and max_steps (-1 = num_epochs decides) are checked when set.
+INT_MAX = 2**31 - 1
+LORA_RANK_MAX = 16384  # the widest released models' hidden size; model.apply_lora also caps it at the model's
+RANGES: dict[str, str] = {
+    "val_size": "[0, inf)", "general_ratio": "[0, 1)", "max_length": "[16, inf)", "max_samples": "[1, inf)",
+    "augment_copies": "[1, inf)", "lora_rank": f"[1, {LORA_RANK_MAX}]", "lora_alpha": "(0, inf)",
+    "lora_dropout": "[0, 1)", "num_epochs": "(0, 1000000]", "max_steps": "[1, inf)", "learning_rate": "(0, inf)",
+    "batch_size": "[1, inf)", "gradient_accumulation_steps": "[1, inf)", "min_lr_ratio": "[0, 1)",
+    "warmup_ratio": "[0, 1)", "warmup_steps": "[0, inf)", "weight_decay": "[0, inf)", "l2_penalty": "[0, inf)",
+    "max_grad_norm": "[0, inf)", "adam_beta1": "[0, 1)", "adam_beta2": "[0, 1)", "adam_eps": "(0, inf)",
+    "seed": f"[0, {2**32 - 1}]", "max_nonfinite_steps": "[1, inf)", "early_stopping_patience": "[0, inf)",
+    "eval_steps": "[1, inf)", "logging_steps": "[1, inf)", "save_steps": "[1, inf)", "save_total_limit": "[1, inf)",
+    "eval_batch_size": "[1, inf)", "max_eval_samples": "[1, inf)", "max_new_tokens": "[1, inf)",
+    "pack_tokens": "[16, inf)", "dist_timeout": "(0, 31536000]", "forgetting_budget": "[0, inf)",
+}
+_OR = {"max_steps": " (or -1: num_epochs decides)", "pack_tokens": " (or null for batch_size x max_length)",
+       "max_samples": " (or null: all)", "max_eval_samples": " (or null: all)"}
+NUMERIC = [f.name for f in fields(TrainConfig) if not f.metadata.get("resolved")
+           and str(f.type).split(" |")[0] in ("int", "float")]
+
+
+def _out_of_range(name: str, value: Any) -> str | None:
+    """What is wrong with a number, or None: NaN/inf, then the field's documented range."""
+    if value is None or (name == "max_steps" and value == -1):
+        return None  # optional counts unset; max_steps -1: num_epochs decides
+    is_int = str(FIELDS[name].type).startswith("int")
+    if not is_int and not math.isfinite(value):
+        return f"must be a finite number, got {short(value)}"
+    lo_s, hi_s = RANGES[name][1:-1].split(", ")
+    lo_open, hi_open = RANGES[name][0] == "(", RANGES[name][-1] == ")"
+    lo = float(lo_s) if not is_int else int(lo_s)
+    hi = (INT_MAX if is_int else math.inf) if hi_s == "inf" else (int(hi_s) if is_int else float(hi_s))
+    if value < lo or (lo_open and value == lo):
+        if hi_s == "inf":
+            return f"must be {'>' if lo_open else '>='} {lo_s}, got {short(value)}" + _OR.get(name, "")
+        return f"must be in {RANGES[name]}, got {short(value)}"
+    if value > hi or (hi_open and value == hi):
+        if hi_s == "inf":
+            return f"must be at most {hi:,}, got {short(value)}"
+        return f"must be in {RANGES[name]}, got {short(value)}"
+    return None
 # (file, key) -> line of that key in the YAML, so validation errors can name the line.
 _LINES: dict[tuple[str | None, str], int] = {}
 
@@ -223,6 +265,8 @@ def _coerce(name: str, value: Any, source: str | None, line: int | None) -> Any:
         if ftype.startswith("dict"):
             if not isinstance(value, dict):
                 return _type_error()
+            if not all(isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in value.values()):
+                return _type_error()
             return {str(k): str(v) for k, v in value.items()}
         if ftype == "bool":
             if isinstance(value, bool):
@@ -233,6 +277,8 @@ def _coerce(name: str, value: Any, source: str | None, line: int | None) -> Any:
         if ftype.startswith("int"):
             if isinstance(value, bool):
                 return _type_error()
+            if isinstance(value, str) and not value.strip().lstrip("+-").isdigit():
+                value = float(value)  # "1e3" (YAML 1.1 reads it as a string) counts as 1000
             if isinstance(value, float) and value.is_integer():
                 return int(value)
             return int(value) if isinstance(value, (int, str)) else _type_error()
@@ -242,9 +288,9 @@ def _coerce(name: str, value: Any, source: str | None, line: int | None) -> Any:
             return float(value)
         if ftype.startswith("str"):
             return str(value) if isinstance(value, (str, int, float)) else _type_error()
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: float(10**5000), int(inf)
         pass
-    raise ConfigError(f"expected {ftype}, got {value!r} ({type(value).__name__})",
+    raise ConfigError(f"expected {ftype}, got {short(value)} ({type(value).__name__})",
                       file=source, line=line, field=name) from None
 
 
@@ -252,24 +298,16 @@ def _type_error() -> Any:
     raise TypeError
 
 
-def _yaml_key_lines(text: str) -> dict[str, int]:
-    try:
-        node = yaml.compose(text)
-    except yaml.YAMLError:
-        return {}
-    if not isinstance(node, yaml.MappingNode):
-        return {}
-    return {k.value: k.start_mark.line + 1 for k, _ in node.value if isinstance(k, yaml.ScalarNode)}
-
-
 def parse_override(item: str) -> tuple[str, Any]:
     if not item.startswith("--") or "=" not in item:
-        raise ConfigError(f"override {item!r} must look like --key=value (dotted keys reach into mappings)")
+        raise ConfigError(f"override {short(item)} must look like --key=value (dotted keys reach into mappings)")
     key, raw = item[2:].split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError:
-        value = raw
+        value = load_yaml(raw, source="override")[0] if raw != "" else ""
+    except ConfigError as e:
+        if not e.message.startswith("invalid YAML:"):
+            raise ConfigError(e.message, file="override", field=key) from None  # an alias bomb, a huge int
+        value = raw  # not YAML: the text itself (a value with a ':' in it, ...)
     return key.replace("-", "_") if key.replace("-", "_") in FIELDS else key, value
 
 
@@ -291,18 +329,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
             text = p.read_text(encoding="utf-8")
         except UnicodeDecodeError as e:
             raise ConfigError(f"not UTF-8 text (byte {e.start})", file=source) from None
-        try:
-            loaded = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            raise ConfigError(f"invalid YAML: {getattr(e, 'problem', e)}", file=source,
-                              line=None if mark is None else mark.line + 1) from None
+        loaded, lines = load_yaml(text, source)  # aliases bounded, duplicate keys refused
         if loaded is None:
             raise ConfigError("config file is empty", file=source)
         if not isinstance(loaded, dict):
             raise ConfigError("config must be a mapping of key: value", file=source, line=1)
         raw = loaded
-        lines = _yaml_key_lines(text)
         base = p.parent
     else:
         base = Path.cwd()
@@ -320,7 +352,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
         top, _, sub = key.partition(".")
         line = lines.get(top) if where == source else None
         if top not in FIELDS:
-            raise ConfigError(f"unknown config key '{top}'{_suggest(top)}", file=where, line=line, field=top)
+            raise ConfigError(f"unknown config key {short(top)}{_suggest(top)}", file=where, line=line,
+                              field=short(top)[1:-1])
         if FIELDS[top].metadata.get("resolved"):
             continue  # resolved values of an earlier run are recomputed, never trusted
         if sub:

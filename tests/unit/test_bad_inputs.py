@@ -79,8 +79,8 @@ DATASET_INFO_CASES = [
 # (config under configs/, file reported (relative to BAD), line, field, fragment)
 CONFIG_CASES = [
     ("unknown_key", "configs/unknown_key.yaml", 4, "learning_rat", "did you mean 'learning_rate'?"),
-    ("rank_zero", "configs/rank_zero.yaml", 4, "lora_rank", "must be > 0, got 0"),
-    ("rank_negative", "configs/rank_negative.yaml", 4, "lora_rank", "must be > 0, got -8"),
+    ("rank_zero", "configs/rank_zero.yaml", 4, "lora_rank", "must be in [1, 16384], got 0"),
+    ("rank_negative", "configs/rank_negative.yaml", 4, "lora_rank", "must be in [1, 16384], got -8"),
     ("rank_string", "configs/rank_string.yaml", 4, "lora_rank", "expected int, got 'sixteen'"),
     ("lr_zero", "configs/lr_zero.yaml", 4, "learning_rate", "must be > 0, got 0.0"),
     ("lr_negative", "configs/lr_negative.yaml", 4, "learning_rate", "must be > 0, got -0.0001"),
@@ -204,7 +204,7 @@ def test_enormous_csv_field(capsys, tmp_path):
 
 @pytest.mark.parametrize("override,field,fragment", [
     ("--learning_rat=1e-3", "learning_rat", "did you mean 'learning_rate'?"),
-    ("--lora_rank=0", "lora_rank", "must be > 0"),
+    ("--lora_rank=0", "lora_rank", "must be in [1, 16384], got 0"),
     ("--lora_rank.r=4", "lora_rank.r", "'lora_rank' is not a mapping"),
     ("--max_length=abc", "max_length", "expected int, got 'abc'"),
     ("--lora-rank", None, "must look like --key=value"),
