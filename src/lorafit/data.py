@@ -230,6 +230,8 @@ def read_examples(path: str | Path, fmt: str = "auto", columns: dict[str, str] |
     else:
         p = Path(spec)
     suffix = p.suffix.lower()
+    if p.is_dir():
+        raise DataError("is a folder; expected a data file (.json, .jsonl or .csv)", file=str(p))
     if suffix not in (".json", ".jsonl", ".csv"):
         raise DataError(f"unknown file type {suffix or '(none)'!r}: expected .json, .jsonl or .csv", file=str(p))
     text = read_text(p)
@@ -401,10 +403,10 @@ def build_datasets(cfg: Any) -> Datasets:
         train = train + aug
         rng.shuffle(train)
     n_general = 0
+    pool: list[Example] = []
+    for path in cfg.general_data:  # read (so checked) even when general_ratio is 0: a listed file is an input
+        pool += read_examples(path, "auto")
     if cfg.general_ratio > 0:
-        pool: list[Example] = []
-        for path in cfg.general_data:
-            pool += read_examples(path, "auto")
         n_general = min(len(pool), round(len(train) * cfg.general_ratio / (1 - cfg.general_ratio)))
         rng.shuffle(pool)
         train = train + pool[:n_general]
