@@ -1,0 +1,176 @@
+"""The output folder and resume rules: lorafit writes only into its own run folders, never over one of
+its inputs, and resumes a run only with the config the run was started with.
+
+Why: `lorafit train` rewrites `config.yaml` and `log.jsonl`, replaces `adapter/` and prunes
+`checkpoints/` in its output folder. Pointed at a folder of the user's own files (or at a folder that
+holds its own training data or config) that destroys them; resumed with another config it would
+silently continue a different run than the one its checkpoints belong to. docs/reliability.md
+states the rules; `training/loop.py` calls `guard_output_dir` and `check_resume` before anything is
+written, and `mark_run_dir` when it creates the folder.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from .config import FIELDS, TrainConfig
+from .errors import ConfigError
+from .safeyaml import load as load_yaml
+from .safeyaml import short
+
+MARKER = ".lorafit-run"
+"""Written into every run folder lorafit creates: the folder is lorafit's to write and prune."""
+
+RESUMABLE_KEYS: frozenset[str] = frozenset({
+    # when to stop, evaluate, log and checkpoint: the weights' trajectory up to any step is unchanged
+    "max_steps", "eval_steps", "logging_steps", "save_steps", "save_total_limit", "max_nonfinite_steps",
+    # evaluation only: what is measured, not what is trained
+    "eval_batch_size", "max_eval_samples", "max_new_tokens", "metric_mode", "benchmarks", "forgetting_budget",
+    # where and how the same computation runs (checkpoints are independent of the process count)
+    "device", "dist_timeout", "distributed", "gradient_checkpointing", "report_to",
+    # the folder itself: it may have been moved since the run started
+    "output_dir",
+})
+"""Config keys that may differ between a run's saved config.yaml and a resumed invocation.
+
+Everything else -- the data, model, LoRA shape, optimiser and schedule, batch sizes, seed -- defines
+the run its checkpoints belong to, so a difference is refused with a diff. One exception, checked
+here: `gradient_accumulation_steps` may change when the run's saved `global_batch_size` is kept
+(resuming on another number of processes)."""
+
+_DATA_KEYS = ("data", "val_data", "general_eval", "general_data", "benchmarks", "model")
+
+
+def _lock_only(path: Path) -> bool:
+    """An empty `.lock` is what a killed `lorafit train` can leave in a folder it had just created."""
+    return path.name == ".lock" and path.is_file() and path.stat().st_size == 0
+
+
+def is_run_dir(path: Path) -> bool:
+    """True for a folder lorafit wrote: it holds MARKER, or (runs from before the marker) a
+    config.yaml that is a lorafit config and a log.jsonl whose first record is lorafit's start event."""
+    path = Path(path)
+    if (path / MARKER).is_file():
+        return True
+    try:
+        cfg, _ = load_yaml((path / "config.yaml").read_text(encoding="utf-8"))
+        with open(path / "log.jsonl", encoding="utf-8") as f:
+            first = json.loads(f.readline())
+    except (OSError, ValueError, ConfigError):
+        return False
+    return (isinstance(cfg, dict) and {"model", "data", "output_dir"} <= set(cfg)
+            and all(isinstance(k, str) and k in FIELDS for k in cfg)
+            and isinstance(first, dict) and first.get("type") == "event" and first.get("event") == "start")
+
+
+def _inputs(cfg: TrainConfig, config_path: str | Path | None) -> list[tuple[str, Path]]:
+    """(config key, local path) of every file or folder the run reads."""
+    found: list[tuple[str, str]] = [("data", d) for d in cfg.data]
+    found += [(f"val_data.{k}", v) for k, v in cfg.val_data.items()]
+    found += [("general_data", d) for d in cfg.general_data] + [("benchmarks", b) for b in cfg.benchmarks]
+    if cfg.general_eval:
+        found.append(("general_eval", cfg.general_eval))
+    if cfg.model and Path(cfg.model).exists():  # a hub id is no local path
+        found.append(("model", cfg.model))
+    if config_path is not None:
+        found.append(("config", str(config_path)))
+    return [(key, Path(p.partition("#")[0]).expanduser().resolve()) for key, p in found if p and "://" not in p]
+
+
+def guard_output_dir(cfg: TrainConfig, config_path: str | Path | None = None) -> None:
+    """Refuse (ConfigError, exit 2) an output folder lorafit must not write; writes nothing.
+
+    Refused: a folder that exists, is not empty and is not a lorafit run folder (`is_run_dir`), and
+    any input -- data, validation sets, general sets, benchmarks, a local model, the config file --
+    that lies inside the output folder or is it.
+    """
+    out = Path(cfg.output_dir).expanduser().resolve()
+    for key, p in _inputs(cfg, config_path):
+        if p == out or out in p.parents:
+            raise ConfigError(f"the output folder {'is' if p == out else 'holds'} the run's input {key} ({p}): "
+                              "training would write over it; choose another output_dir", file=str(out),
+                              field="output_dir")
+    if not out.is_dir():
+        return
+    entries = [e for e in out.iterdir() if not _lock_only(e)]
+    if entries and not is_run_dir(out):
+        names = ", ".join(sorted(e.name for e in entries)[:3]) + (", ..." if len(entries) > 3 else "")
+        raise ConfigError(f"folder is not empty ({names}) and is not a lorafit run folder (no {MARKER}); lorafit "
+                          "writes only into a new or empty folder or its own run: choose another output_dir",
+                          file=str(out), field="output_dir")
+
+
+def mark_run_dir(out: Path) -> None:
+    """Create the run folder and its MARKER (atomically: a temporary file renamed); idempotent."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    marker = out / MARKER
+    if marker.is_file():
+        return
+    tmp = out / f".{MARKER}.{os.getpid()}.tmp"
+    tmp.write_text("lorafit run folder: lorafit writes here and deletes only what it wrote "
+                   "(docs/reliability.md)\n", encoding="utf-8")
+    os.replace(tmp, marker)
+
+
+def _norm(v: Any) -> Any:
+    """Values as YAML round-trips them: 32 == 32.0, tuples as lists, mapping values as strings."""
+    if isinstance(v, bool) or v is None or isinstance(v, str):
+        return v
+    if isinstance(v, (int, float)):
+        return float(v)
+    if isinstance(v, (list, tuple)):
+        return [_norm(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): str(x) for k, x in v.items()}
+    return v
+
+
+def _default(name: str) -> Any:
+    f = FIELDS[name]
+    return f.default if f.default_factory is dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+
+
+def _accumulation_ok(saved: dict[str, Any], cfg: TrainConfig) -> bool:
+    """gradient_accumulation_steps may change only where the saved global batch is kept."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return saved.get("global_batch_size") == cfg.batch_size * cfg.gradient_accumulation_steps * world
+
+
+def check_resume(cfg: TrainConfig, out: Path) -> None:
+    """Refuse to resume (ConfigError, exit 2) with a config that differs from the run's saved one.
+
+    Compared: every key but RESUMABLE_KEYS and resolved keys (effective_warmup_steps, total_steps,
+    ...). A key the saved config lacks (added by a newer lorafit) counts as its default. The message
+    lists "key: saved -> requested" for each difference.
+    """
+    path = Path(out) / "config.yaml"
+    if not path.is_file():
+        return
+    try:
+        saved, _ = load_yaml(path.read_text(encoding="utf-8"), str(path))
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"the run's config cannot be read ({e}); cannot check the resume", file=str(path)) from None
+    except ConfigError as e:
+        raise ConfigError(f"the run's config is invalid ({e.message}); cannot check the resume", file=str(path),
+                          line=e.line, field=e.field) from None
+    if not isinstance(saved, dict):
+        raise ConfigError("the run's config is not a mapping; cannot check the resume", file=str(path))
+    diffs = []
+    for name, f in FIELDS.items():
+        if f.metadata.get("resolved") or name in RESUMABLE_KEYS:
+            continue
+        before = saved.get(name, _default(name))
+        now = getattr(cfg, name)
+        if _norm(before) == _norm(now):
+            continue
+        if name == "gradient_accumulation_steps" and _accumulation_ok(saved, cfg):
+            continue
+        diffs.append(f"{name}: {short(before)} -> {short(now)}")
+    if diffs:
+        raise ConfigError(f"resuming with a different config: {'; '.join(diffs)}. Only these keys may change on "
+                          f"resume: {', '.join(sorted(RESUMABLE_KEYS))} (docs/reliability.md); set the others back "
+                          "or train into a new output_dir", file=str(path), field=diffs[0].split(":")[0])
