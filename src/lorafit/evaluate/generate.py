@@ -14,20 +14,29 @@ from tqdm.auto import tqdm
 
 
 def generate_batched(model: Any, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int = 128,
-                     batch_size: int = 8, desc: str | None = None, progress: bool = True) -> list[str]:
-    """Greedy continuation of each already-rendered prompt, in the order given."""
+                     batch_size: int = 8, desc: str | None = None, progress: bool = True,
+                     no_eos: list[bool] | None = None) -> list[str]:
+    """Greedy continuation of each already-rendered prompt, in the order given.
+
+    ``no_eos``: a list to fill, per prompt, with whether generation ran into ``max_new_tokens``
+    without emitting the end-of-sequence token (generation health, evaluate/health.py)."""
     encoded = [_encode(tokenizer, p) for p in prompts]
     # Longest first: similar lengths share a batch, and an out-of-memory error shows up at once.
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
     answers: list[str] = [""] * len(prompts)
+    stopped: list[bool] = [False] * len(prompts)
     bar = tqdm(total=len(prompts), desc=desc or "generate", unit="prompt", disable=not progress)
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         batch = _left_pad([encoded[i] for i in idx], _pad_id(tokenizer))
-        for i, text in zip(idx, _generate(model, tokenizer, batch, max_new_tokens)):
-            answers[i] = text
+        flags: list[bool] = []
+        texts = _generate(model, tokenizer, batch, max_new_tokens, flags)
+        for i, text, cut in zip(idx, texts, flags):
+            answers[i], stopped[i] = text, cut
         bar.update(len(idx))
     bar.close()
+    if no_eos is not None:
+        no_eos[:] = stopped
     return answers
 
 
@@ -64,7 +73,8 @@ def _encode(tokenizer: Any, prompt: str) -> list[int]:
 
 
 @torch.inference_mode()
-def _generate(model: Any, tokenizer: Any, batch: Any, max_new_tokens: int) -> list[str]:
+def _generate(model: Any, tokenizer: Any, batch: Any, max_new_tokens: int,
+              no_eos: list[bool] | None = None) -> list[str]:
     device = next(model.parameters()).device
     inputs = {k: v.to(device) for k, v in batch.items()}
     eos = model.generation_config.eos_token_id
@@ -73,4 +83,8 @@ def _generate(model: Any, tokenizer: Any, batch: Any, max_new_tokens: int) -> li
                          eos_token_id=tokenizer.eos_token_id if eos is None else eos,
                          pad_token_id=_pad_id(tokenizer))
     new_tokens = out[:, inputs["input_ids"].shape[1]:]
+    if no_eos is not None:   # a row that finished holds its EOS (then padding); one that ran out has none
+        ids = torch.tensor([eos] if isinstance(eos, int) else list(eos or [tokenizer.eos_token_id]), device=new_tokens.device)
+        ran_out = ~torch.isin(new_tokens, ids).any(dim=1) & (new_tokens.shape[1] >= max_new_tokens)
+        no_eos.extend(bool(x) for x in ran_out.tolist())
     return [t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]

@@ -16,6 +16,10 @@ counts n-grams against all references (nltk's and sacrebleu's own multi-referenc
 reference per prompt the llamafactory numbers equal LLaMA-Factory's exactly.
 
 Empty predictions score 0 and never raise.
+
+``example_stats`` keeps what each prompt contributes to a score (its per-example value, or for corpus
+BLEU its n-gram counts), so evaluate/stats.py can resample prompts and recompute the set's score
+exactly as it is defined.
 """
 from __future__ import annotations
 
@@ -24,8 +28,9 @@ import logging
 import re
 import sys
 import warnings
+from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -53,13 +58,37 @@ def detect_lang(texts: Sequence[str]) -> str:
     return "zh" if letters and cjk / letters >= CJK_SHARE else "en"
 
 
-def score_predictions(preds: Sequence[str], refs: Refs, mode: str = "llamafactory",
-                      lang: str | None = None) -> dict[str, float]:
-    """Scores 0-100 for ``KEYS``; ``refs[i]`` is one reference or a list of references.
+@dataclass
+class ExampleStats:
+    """What each prompt contributes to one metric: the set's score is ``agg`` of the column sums of ``x``.
 
-    ``lang`` (None: detected from the references) matters in ``standard`` mode only; llamafactory
-    mode is language-agnostic by construction (jieba also splits English on spaces and punctuation).
+    A mean of per-example values is ``x = [[value, 1], ...]`` with ``agg = sum / count``; corpus BLEU is
+    sacrebleu's n-gram counts per segment with its own formula as ``agg``. Resampling prompts is then a
+    weighted column sum, and every resample's score is computed by the metric's own definition.
     """
+
+    x: np.ndarray                                  # (n, k) per-prompt sufficient statistics
+    agg: Callable[[np.ndarray], np.ndarray]        # (..., k) summed statistics -> (...) score
+    point: float                                   # the set's score, computed as it always was
+
+    @property
+    def values(self) -> np.ndarray | None:
+        """Per-prompt values of a mean metric (None for a corpus-level one such as sacrebleu BLEU)."""
+        return self.x[:, 0] if self.x.shape[1] == 2 and self.agg is mean_agg else None
+
+
+def mean_agg(t: np.ndarray) -> np.ndarray:
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return t[..., 0] / t[..., 1]
+
+
+def mean_stats(values: Sequence[float]) -> ExampleStats:
+    v = np.asarray(values, dtype=float).reshape(-1)
+    return ExampleStats(np.stack([v, np.ones_like(v)], axis=1), mean_agg,
+                        float(np.mean(list(values))) if len(v) else 0.0)
+
+
+def _check(preds: Sequence[str], refs: Refs, mode: str, lang: str | None) -> list[list[str]]:
     if mode not in MODES:
         raise ConfigError(f"unknown metric mode {mode!r}; expected one of {MODES}", field="mode")
     if lang is not None and lang not in LANGS:
@@ -69,18 +98,37 @@ def score_predictions(preds: Sequence[str], refs: Refs, mode: str = "llamafactor
     ref_lists = [[r] if isinstance(r, str) else list(r) for r in refs]
     if any(not rs for rs in ref_lists):
         raise DataError("every prediction needs at least one reference", field="label")
+    return ref_lists
+
+
+def example_stats(preds: Sequence[str], refs: Refs, mode: str = "llamafactory",
+                  lang: str | None = None) -> dict[str, ExampleStats]:
+    """Per-prompt statistics of every metric in ``KEYS`` (see ``ExampleStats``); ``point`` equals
+    ``score_predictions``. One row per prompt, so a prompt with several references counts once."""
+    ref_lists = _check(preds, refs, mode, lang)
     if not preds:
-        return {k: 0.0 for k in KEYS}
+        return {k: ExampleStats(np.zeros((0, 2)), mean_agg, 0.0) for k in KEYS}
     if mode == "llamafactory":
-        return _llamafactory(list(preds), ref_lists)
+        return {k: mean_stats(v) for k, v in _llamafactory(list(preds), ref_lists).items()}
     lang = lang or detect_lang([r for rs in ref_lists for r in rs])
     return _standard(list(preds), ref_lists, lang)
+
+
+def score_predictions(preds: Sequence[str], refs: Refs, mode: str = "llamafactory",
+                      lang: str | None = None) -> dict[str, float]:
+    """Scores 0-100 for ``KEYS``; ``refs[i]`` is one reference or a list of references.
+
+    ``lang`` (None: detected from the references) matters in ``standard`` mode only; llamafactory
+    mode is language-agnostic by construction (jieba also splits English on spaces and punctuation).
+    """
+    return {k: st.point for k, st in example_stats(preds, refs, mode, lang).items()}
 
 
 # ------------------------------------------------------------------------------------------------
 # llamafactory mode
 # ------------------------------------------------------------------------------------------------
-def _llamafactory(preds: list[str], refs: list[list[str]]) -> dict[str, float]:
+def _llamafactory(preds: list[str], refs: list[list[str]]) -> dict[str, list[float]]:
+    """Per-example scores (x100, rounded to 4 decimals as LLaMA-Factory does); the set's score is their mean."""
     from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu  # heavy: keep CLI start fast
     from rouge_chinese import Rouge
 
@@ -103,7 +151,7 @@ def _llamafactory(preds: list[str], refs: list[list[str]]) -> dict[str, float]:
                 scores[k].append(round(v * 100, 4))
             bleu = sentence_bleu([list(r) for r in rs], list(pred), smoothing_function=smooth)
             scores["bleu-4"].append(round(bleu * 100, 4))
-    return {k: float(np.mean(v)) for k, v in scores.items()}
+    return scores
 
 
 @contextlib.contextmanager
@@ -141,14 +189,23 @@ def segment_zh(text: str) -> str:
     return " ".join(w for w in _jieba_cut()(text.lower()) if w.strip())
 
 
-def _standard(preds: list[str], refs: list[list[str]], lang: str) -> dict[str, float]:
+def _standard(preds: list[str], refs: list[list[str]], lang: str) -> dict[str, ExampleStats]:
     import sacrebleu
     from rouge_score import rouge_scorer, tokenizers  # heavy: keep CLI start fast
+    from sacrebleu.metrics import BLEU
 
     # sacrebleu wants reference *streams*; None pads prompts that have fewer references.
     n_streams = max(len(rs) for rs in refs)
     streams = [[rs[i] if i < len(rs) else None for rs in refs] for i in range(n_streams)]
-    bleu = sacrebleu.corpus_bleu(preds, streams, tokenize="zh" if lang == "zh" else "13a").score
+    tokenize = "zh" if lang == "zh" else "13a"
+    bleu = sacrebleu.corpus_bleu(preds, streams, tokenize=tokenize).score
+    # Per-segment n-gram counts: corpus BLEU of any resample is BLEU of their sums (sacrebleu's own rule).
+    metric = BLEU(tokenize=tokenize)
+    counts = np.asarray(metric._extract_corpus_statistics(preds, streams), dtype=float)
+
+    def bleu_agg(t: np.ndarray) -> np.ndarray:
+        flat = t.reshape(-1, t.shape[-1])
+        return np.array([metric._compute_score_from_stats(list(row)).score for row in flat]).reshape(t.shape[:-1])
 
     # English: rouge-score's own default tokenizer, passed explicitly only to skip its log line.
     tokenizer = WhitespaceTokenizer() if lang == "zh" else tokenizers.DefaultTokenizer(use_stemmer=False)
@@ -159,5 +216,9 @@ def _standard(preds: list[str], refs: list[list[str]], lang: str) -> dict[str, f
         s = scorer.score_multi([prep(r) for r in rs], prep(pred))  # best reference per metric
         for k in rouge:
             rouge[k].append(s[k].fmeasure)
-    return {"rouge-1": 100 * float(np.mean(rouge["rouge1"])), "rouge-2": 100 * float(np.mean(rouge["rouge2"])),
-            "rouge-l": 100 * float(np.mean(rouge["rougeL"])), "bleu-4": float(bleu)}
+    out = {}
+    for key, k in (("rouge-1", "rouge1"), ("rouge-2", "rouge2"), ("rouge-l", "rougeL")):
+        out[key] = mean_stats([100 * f for f in rouge[k]])
+        out[key].point = 100 * float(np.mean(rouge[k]))  # the set's score exactly as before
+    out["bleu-4"] = ExampleStats(counts, bleu_agg, float(bleu))
+    return out

@@ -17,13 +17,17 @@ Label = str | list[str]
 
 
 def write_predictions(path: str | Path, prompts: Sequence[str], preds: Sequence[str],
-                      labels: Sequence[Label]) -> Path:
-    """Write one ``{"prompt", "predict", "label"}`` line per example (UTF-8, CJK kept readable)."""
+                      labels: Sequence[Label], extra: Sequence[dict[str, Any]] | None = None) -> Path:
+    """Write one ``{"prompt", "predict", "label"}`` line per example (UTF-8, CJK kept readable).
+
+    ``extra``: more fields per line (lorafit eval adds ``no_eos``, ``loss_sum``, ``loss_tokens``);
+    readers of the format ignore fields they do not know."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    more = extra if extra is not None else [{}] * len(prompts)
     with path.open("w", encoding="utf-8") as f:
-        for prompt, pred, label in zip(prompts, preds, labels, strict=True):
-            f.write(json.dumps({"prompt": prompt, "predict": pred, "label": label}, ensure_ascii=False) + "\n")
+        for prompt, pred, label, x in zip(prompts, preds, labels, more, strict=True):
+            f.write(json.dumps({"prompt": prompt, "predict": pred, "label": label, **x}, ensure_ascii=False) + "\n")
     return path
 
 
@@ -93,6 +97,24 @@ def label_field(rec: dict, path: Path, line: int) -> Label:
 
 def _kind(v: Any) -> str:
     return "null" if v is None else type(v).__name__
+
+
+def health_file(path: str | Path) -> dict[str, Any]:
+    """Generation health (evaluate/health.py) of a predictions file. ``no_eos`` is None unless every
+    line carries it (lorafit eval's own files do); without a ``prompt`` the expected language is the
+    reference's."""
+    from .health import health
+
+    prompts, preds, labels, flags = [], [], [], []
+    for i, rec in iter_json_objects(path):
+        preds.append(string_field(rec, "predict", Path(path), i))
+        labels.append(label_field(rec, Path(path), i))
+        prompt = rec.get("prompt")
+        ref = labels[-1] if isinstance(labels[-1], str) else labels[-1][0]
+        prompts.append(prompt if isinstance(prompt, str) and prompt.strip() else ref)
+        flags.append(rec.get("no_eos"))
+    known = all(isinstance(f, bool) for f in flags)
+    return health(prompts, preds, labels, flags if known else None)
 
 
 def score_file(path: str | Path, mode: str = "llamafactory", lang: str | None = None) -> dict[str, float]:

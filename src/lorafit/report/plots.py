@@ -102,3 +102,55 @@ def plot_loss(run_dir: str | Path, findings: list[Finding] | list[dict] | None =
     fig.savefig(out, format="png", dpi=100)
     return out
 
+
+def draw_checkpoints(table: dict) -> Figure:
+    """Target-set ROUGE-L (left axis) and general-set loss (right axis) per step, with the base model's
+    loss, the forgetting budget's line and the selected candidate marked: the trade-off in one picture."""
+    fig = Figure(figsize=(8, 4.5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    target, g = table.get("target_set"), table.get("general_set")
+    rows = sorted([r for r in table.get("checkpoints", []) if r.get("step") is not None], key=lambda r: r["step"])
+    steps = [r["step"] for r in rows]
+    ax.plot(steps, [r["sets"][target]["rouge-l"] for r in rows], "o-", color="#2ca02c", label=f"{target} ROUGE-L")
+    ax.axhline(table["base"]["sets"][target]["rouge-l"], color="#2ca02c", ls=":", lw=1, label=f"{target} ROUGE-L, base")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(f"{target} ROUGE-L")
+    handles, labels = ax.get_legend_handles_labels()
+    sel = (table.get("selected") or {}).get("name")
+    picked = next((r for r in rows if r["name"] == sel), None)
+    if picked is not None:
+        h = ax.scatter([picked["step"]], [picked["sets"][target]["rouge-l"]], marker="*", s=220, color="gold",
+                       edgecolor="black", zorder=6, label=f"selected: {sel}")
+        handles.append(h)
+        labels.append(h.get_label())
+    if g:
+        ax2 = ax.twinx()
+        base = table["base"]["sets"][g]["loss"]
+        ax2.plot(steps, [r["sets"][g]["loss"] for r in rows], "s-", color="#ff7f0e", label="general loss")
+        ax2.axhline(base, color="#ff7f0e", ls=":", lw=1, label="general loss, base")
+        budget = table.get("forgetting_budget", 0.02)
+        ax2.axhline(base * (1 + budget), color="#d62728", ls="--", lw=1, label=f"budget (+{100 * budget:g}%)")
+        ax2.set_ylabel("general-set loss")
+        h2, l2 = ax2.get_legend_handles_labels()
+        handles, labels = handles + h2, labels + l2
+    ax.grid(alpha=0.3)
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
+    ax.set_title("Checkpoints: domain gain vs general-set loss", fontsize=10)
+    fig.tight_layout(rect=(0, 0.14, 1, 1))
+    return fig
+
+
+def plot_checkpoints(run_dir: str | Path) -> Path | None:
+    """Write RUN/eval/checkpoints.png from RUN/eval/checkpoints.json (None when there is no table)."""
+    import json
+
+    path = Path(run_dir) / "eval" / "checkpoints.json"
+    if not path.is_file():
+        return None
+    table = json.loads(path.read_text(encoding="utf-8"))
+    if not table.get("target_set") or not table.get("checkpoints"):
+        return None
+    out = path.with_suffix(".png")
+    draw_checkpoints(table).savefig(out, format="png", dpi=100)
+    return out
