@@ -219,13 +219,19 @@ def detect_forgetting(s: RunSeries, metrics: dict[str, Any] | None) -> Finding |
         if isinstance(lb, (int, float)) and isinstance(la, (int, float)) and lb > 0:
             rises.append(float(la / lb - 1))
             ev.update(metrics_loss_before=lb, metrics_loss_after=la, metrics_loss_rise=rises[-1])
+            if _ci(g.get("loss_delta_ci95")):   # paired bootstrap over the general set's prompts (lorafit eval)
+                ev.update(metrics_loss_delta_ci95=g["loss_delta_ci95"], metrics_loss_p_value=g.get("loss_p_value"))
         before, delta = g.get("before") or {}, g.get("delta") or {}
         rb, rd = before.get("rouge-l"), delta.get("rouge-l")
+        ci = _ci((g.get("delta_ci95") or {}).get("rouge-l"))
         if isinstance(rb, (int, float)) and isinstance(rd, (int, float)):
             scale = 1.0 if abs(rb) > 1.5 else 100.0   # llamafactory mode reports percent, standard 0-1
-            if -rd * scale >= FORGET_ROUGE_POINTS and rb and -rd / rb >= 0.05:
+            # A drop whose 95% interval reaches 0 is within the prompts' sampling noise: not evidence.
+            if -rd * scale >= FORGET_ROUGE_POINTS and rb and -rd / rb >= 0.05 and (ci is None or ci[1] < 0):
                 rouge_drop = -rd * scale
             ev.update(rouge_l_before=rb * scale, rouge_l_delta=rd * scale)
+            if ci is not None:
+                ev.update(rouge_l_delta_ci95=[c * scale for c in ci])
     worst = max(rises, default=0.0)
     if worst < FORGET_LOSS and not rouge_drop:
         if worst < FORGET_WATCH:
@@ -258,6 +264,11 @@ def detect_forgetting(s: RunSeries, metrics: dict[str, Any] | None) -> Finding |
         f"Mix general-domain data into training ({mix}), lower the learning rate to 1e-5 and train fewer "
         "epochs.",
         steps=[int(s.evals['general'][0][-1])] if "general" in s.evals else [], evidence=ev, config_patch=patch)
+
+
+def _ci(v: Any) -> list[float] | None:
+    return [float(v[0]), float(v[1])] if isinstance(v, list) and len(v) == 2 and all(
+        isinstance(x, (int, float)) for x in v) else None
 
 
 def detect_setup(s: RunSeries) -> list[Finding]:

@@ -17,13 +17,11 @@ from ..diagnose import Finding, diagnose_records, read_run
 from ..diagnose.findings import SEVERITIES, format_patch, format_steps, sort_findings
 from ..diagnose.records import RunSeries, build_series
 from ..errors import RunError
+from .evaluation import checkpoint_blocks, flips_blocks, health_blocks, metrics_blocks
 from .plots import plot_loss
 
 Block = tuple  # ("h2", text) | ("p", text) | ("table", headers, rows) | ("img", png, alt, md_path) | ("finding", f) | ("pre", text)
 Study = Union[dict, str, Path, list, tuple, None]
-
-METRICS = ("rouge-1", "rouge-2", "rouge-l", "bleu-4")
-
 
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
@@ -86,29 +84,6 @@ def _findings(findings: list[Finding]) -> list[Block]:
     if not findings:
         return out + [("p", "No problems found: training and validation curves look healthy.")]
     return out + [("finding", f) for f in sort_findings(findings)]
-
-
-def _metrics(run: Path, metrics: dict | None) -> list[Block]:
-    sets = (metrics or {}).get("sets")
-    if isinstance(sets, dict) and sets:
-        rows = []
-        for name, v in sets.items():
-            if not isinstance(v, dict):
-                continue
-            before, after, delta = v.get("before") or {}, v.get("after") or {}, v.get("delta") or {}
-            for m in [m for m in METRICS if m in before or m in after] + sorted(set(before) - set(METRICS)):
-                rows.append([name, v.get("lang", ""), v.get("n", ""), m, before.get(m), after.get(m), delta.get(m)])
-            lb, la = v.get("loss_before"), v.get("loss_after")
-            if isinstance(lb, (int, float)) and isinstance(la, (int, float)):
-                rows.append([name, v.get("lang", ""), v.get("n", ""), "loss", lb, la, la - lb])
-        mode = (metrics or {}).get("mode")
-        return [("h2", "Evaluation metrics"),
-                ("p", f"Before = base model, after = with the adapter; metric mode: {mode or 'unknown'}."),
-                ("table", ["set", "lang", "n", "metric", "before", "after", "delta"], rows)]
-    md = run / "eval" / "metrics.md"
-    if md.is_file():
-        return [("h2", "Evaluation metrics"), ("pre", md.read_text(encoding="utf-8", errors="replace"))]
-    return [("h2", "Evaluation metrics"), ("p", "No eval/metrics.json yet: run `lorafit eval` on this run folder.")]
 
 
 def _load_study(study: Study) -> tuple[dict | None, list[bytes]]:
@@ -289,7 +264,8 @@ def write_report(run_dir: str | Path, study: Study = None) -> tuple[Path, Path]:
     title = f"lorafit report: {run.resolve().name}"
     blocks = (_summary(s, findings, metrics) + _findings(findings)
               + [("h2", "Training curves"), ("img", png.read_bytes(), "loss curves", png.name)]
-              + _metrics(run, metrics) + _study(study) + _config(config))
+              + metrics_blocks(run, metrics) + health_blocks(metrics) + flips_blocks(metrics)
+              + checkpoint_blocks(run) + _study(study) + _config(config))
     html_path, md_path = run / "report.html", run / "report.md"
     html_path.write_text(to_html(title, blocks), encoding="utf-8")
     md_path.write_text(to_markdown(title, blocks), encoding="utf-8")
