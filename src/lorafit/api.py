@@ -79,17 +79,29 @@ def merge(run: str | Path, out: str | Path) -> Path:
     return _merge(_run_dir(run), out)
 
 
-def evaluate(run: str | Path, **kwargs: Any) -> dict:
-    """ROUGE/BLEU before and after on every validation set (and the general set): see evaluate."""
+def evaluate(run: str | Path, *, checkpoints: bool = False, select: bool = False, **kwargs: Any) -> dict:
+    """ROUGE/BLEU before and after on every validation set (and the general set): see evaluate.
+
+    ``checkpoints``: evaluate every kept checkpoint and the best/final adapters instead (eval/checkpoints.*);
+    ``select``: pick one within the forgetting budget and export RUN/selected-adapter/. Both return that table."""
+    if checkpoints or select:
+        from .evaluate import checkpoints_and_select
+        from .report import plot_checkpoints
+
+        kwargs.pop("flips", None)
+        table = checkpoints_and_select(_run_dir(run), evaluate=checkpoints, choose=select, **kwargs)
+        plot_checkpoints(run)
+        return table
     from .evaluate import evaluate_run
 
     return evaluate_run(_run_dir(run), **kwargs)
 
 
 def score(predictions: str | Path, *, mode: str = "llamafactory", lang: str | None = None) -> dict:
-    from .evaluate import score_file
+    """The four scores of a predictions file, plus its generation health under "health"."""
+    from .evaluate import health_file, score_file
 
-    return score_file(predictions, mode=mode, lang=lang)
+    return {**score_file(predictions, mode=mode, lang=lang), "health": health_file(predictions)}
 
 
 def diagnose(run: str | Path, *, write_config: str | Path | None = None, quiet: bool = False) -> list:

@@ -41,6 +41,11 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--mode", choices=["llamafactory", "standard"], default=None)
     e.add_argument("--sets", nargs="+", default=None, help="only these validation sets (names as in log.jsonl)")
     e.add_argument("--device", default="auto")
+    e.add_argument("--flips", type=int, default=10, metavar="N", help="most improved / regressed prompts listed per set")
+    e.add_argument("--checkpoints", action="store_true",
+                   help="evaluate every kept checkpoint and the best/final adapters (eval/checkpoints.json, .md, .png)")
+    e.add_argument("--select", action="store_true", help="pick the best checkpoint within forgetting_budget and "
+                   "export RUN/selected-adapter/ (reuses eval/checkpoints.json unless --checkpoints)")
 
     s = sub.add_parser("score", help="score a predictions file (prompt/predict/label JSON lines)")
     s.add_argument("predictions")
@@ -126,15 +131,23 @@ def _run(args: argparse.Namespace, extra: list[str], argv: list[str]) -> int:
     elif args.cmd == "merge":
         print(f"merged model: {api.merge(args.run, args.out)}")
     elif args.cmd == "eval":
+        if args.flips < 0:
+            from .errors import ConfigError
+
+            raise ConfigError(f"must be 0 or more, got {args.flips}", field="--flips")
         api.evaluate(args.run, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                     max_samples=args.max_samples, mode=args.mode, sets=args.sets, device=args.device)
-        print((Path(args.run) / "eval" / "metrics.md").read_text(encoding="utf-8"))
+                     max_samples=args.max_samples, mode=args.mode, sets=args.sets, device=args.device,
+                     flips=args.flips, checkpoints=args.checkpoints, select=args.select)
+        md = "checkpoints.md" if args.checkpoints or args.select else "metrics.md"
+        print((Path(args.run) / "eval" / md).read_text(encoding="utf-8"))
     elif args.cmd == "score":
         res = api.score(args.predictions, mode=args.mode, lang=args.lang)
+        health = {k: v for k, v in res["health"].items() if k != "examples"}
         if args.json:
-            print(json.dumps({k: res[k] for k in ("rouge-1", "rouge-2", "rouge-l", "bleu-4")}))
+            print(json.dumps({**{k: res[k] for k in ("rouge-1", "rouge-2", "rouge-l", "bleu-4")}, "health": health}))
         else:
             print("  ".join(f"{k}: {res[k]:.2f}" for k in ("rouge-1", "rouge-2", "rouge-l", "bleu-4")))
+            print("health: " + "  ".join(f"{k}: {'–' if v is None else round(v, 3)}" for k, v in health.items()))
     elif args.cmd == "diagnose":
         from .diagnose import format_findings
 

@@ -21,6 +21,7 @@ from .detectors import (detect_divergence, detect_flat_loss, detect_fluctuation,
                         detect_warmup, early_window_end, find_spikes)
 from .findings import SEVERITIES, Finding, format_findings, sort_findings
 from .generalization import detect_forgetting, detect_overfitting, detect_plateau, detect_setup
+from .health import detect_generation_health
 from .patches import merge_patches
 from .records import build_series, read_log
 
@@ -61,6 +62,7 @@ def diagnose_records(records: list[dict[str, Any]], metrics: dict[str, Any] | No
     if forget is not None:
         findings.append(forget)
     findings += detect_setup(s)
+    findings += detect_generation_health(metrics)
     return sort_findings(findings)
 
 
