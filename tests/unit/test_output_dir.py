@@ -273,3 +273,22 @@ def test_cli_finished_run_with_corrupted_data(capsys, tiny_cfg, tmp_path):
     data.write_text(GOOD.read_text()[:-20])  # truncated
     msg = _one_error(*_train(capsys, tiny_cfg, f"--data={data}", f"--output_dir={out}"))
     assert str(data) in msg and "invalid JSON" in msg
+
+
+# --- checkpoint rotation deletes only what lorafit wrote ----------------------------------------
+def test_checkpoint_pruning_keeps_folders_lorafit_did_not_write(tmp_path):
+    import torch
+
+    from lorafit.training.checkpoint import list_checkpoints, save_checkpoint
+
+    root = tmp_path / "checkpoints"
+    (root / "step-0").mkdir(parents=True)  # a folder with a checkpoint's name, but no manifest
+    (root / "step-0" / "mine.bin").write_bytes(b"user bytes")
+    (root / ".tmp-step-notes").mkdir()     # a name like a temporary folder's, but not one
+    (root / ".tmp-step-3-123").mkdir()     # a real leftover of a killed write: removed
+    for step in (1, 2, 3, 4):
+        save_checkpoint(root, step, weights={"w": torch.ones(2)}, optim_state={"state": {}, "param_groups": []},
+                        state={"step": step}, keep=2)
+    assert [c.name for c in list_checkpoints(root)] == ["step-0", "step-3", "step-4"]
+    assert (root / "step-0" / "mine.bin").read_bytes() == b"user bytes"
+    assert (root / ".tmp-step-notes").is_dir() and not (root / ".tmp-step-3-123").exists()

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -27,6 +28,7 @@ from . import dist
 
 MANIFEST = "manifest.json"
 PREFIX = "step-"
+_TMP_NAME = re.compile(rf"\.tmp-{PREFIX}\d+-\d+")  # the temporary folder of one checkpoint write
 
 
 def _fsync_file(path: Path) -> None:
@@ -112,7 +114,8 @@ def save_checkpoint(ckpt_root: Path, step: int, *, model: torch.nn.Module | None
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"{PREFIX}{step}"
     for stale in ckpt_root.glob(f".tmp-{PREFIX}*"):  # left by a process killed mid-write (one writer: rank 0)
-        shutil.rmtree(stale, ignore_errors=True)
+        if _TMP_NAME.fullmatch(stale.name) and stale.is_dir():  # only the names this function writes
+            shutil.rmtree(stale, ignore_errors=True)
     tmp = ckpt_root / f".tmp-{PREFIX}{step}-{os.getpid()}"
     tmp.mkdir()
     save_file(weights, str(tmp / "trainable.safetensors"))
@@ -129,8 +132,8 @@ def save_checkpoint(ckpt_root: Path, step: int, *, model: torch.nn.Module | None
         shutil.rmtree(final)
     os.replace(tmp, final)
     _fsync_dir(ckpt_root)
-    for old in list_checkpoints(ckpt_root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    for old in [c for c in list_checkpoints(ckpt_root) if (c / MANIFEST).is_file()][:-keep]:
+        shutil.rmtree(old, ignore_errors=True)  # pruned: only folders lorafit wrote (they have a manifest)
     return final
 
 
