@@ -208,7 +208,7 @@ def test_old_partial_and_resumed_logs():
         r.pop("grad_norm", None)
     recs += [{"type": "train", "step": 100, "loss": 1.0}, {"type": "train"}, {"type": "eval", "step": 5}, {"x": 1}]
     assert kinds(diagnose_records(recs)) == set()          # no config, no LR, duplicates, junk records
-    assert diagnose_records([]) == []
+    assert [f.kind for f in diagnose_records([])] == ["insufficient_data"]   # never an empty (all-clear) answer
     assert kinds(diagnose_records(make_log(T=30, L=10, M=10))) == set()   # 3 train records
 
 
@@ -236,7 +236,7 @@ def test_diagnose_run_writes_json_and_patched_config(tmp_path):
 
 def test_write_config_needs_config_yaml(tmp_path):
     (tmp_path / "log.jsonl").write_text(json.dumps(make_log()[1]) + "\n")
-    assert [f.kind for f in diagnose_run(tmp_path)] == ["no_validation"]   # info only
+    assert [f.kind for f in diagnose_run(tmp_path)] == ["no_validation", "insufficient_data"]   # info only
     with pytest.raises(RunError):
         diagnose_run(tmp_path, write_config=str(tmp_path / "x.yaml"))
     with pytest.raises(RunError):

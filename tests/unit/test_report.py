@@ -83,7 +83,8 @@ def test_report_on_partial_run_folder(tmp_path):
 def test_report_on_empty_log(tmp_path):
     (tmp_path / "log.jsonl").write_text("", encoding="utf-8")
     html_path, md_path = write_report(tmp_path)
-    assert "No problems found" in md_path.read_text(encoding="utf-8")
+    md = md_path.read_text(encoding="utf-8")
+    assert "insufficient_data" in md and "No problems found" not in md   # an empty log is no evidence of health
     assert (tmp_path / "loss.png").read_bytes()[:8] == PNG_MAGIC
 
 

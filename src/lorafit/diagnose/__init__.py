@@ -13,8 +13,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from ..config import load_config, save_config
 from ..errors import RunError
 from .detectors import (detect_divergence, detect_flat_loss, detect_fluctuation, detect_grad_explosion,
@@ -22,11 +20,12 @@ from .detectors import (detect_divergence, detect_flat_loss, detect_fluctuation,
 from .findings import SEVERITIES, Finding, format_findings, sort_findings
 from .generalization import detect_forgetting, detect_overfitting, detect_plateau, detect_setup
 from .health import detect_generation_health
-from .patches import merge_patches
-from .records import build_series, read_log
+from .patches import merge_patches, tool_patches, write_tool_config
+from .records import MIN_TRAIN_RECORDS, build_series
+from .sources import LORAFIT, RunSource, load_source
 
-__all__ = ["Finding", "SEVERITIES", "diagnose_records", "diagnose_run", "format_findings", "merge_patches",
-           "read_run", "write_patched_config", "spikes_of"]
+__all__ = ["Finding", "SEVERITIES", "RunSource", "diagnose_records", "diagnose_run", "format_findings",
+           "load_source", "merge_patches", "read_run", "write_patched_config", "spikes_of"]
 
 
 def diagnose_records(records: list[dict[str, Any]], metrics: dict[str, Any] | None = None,
@@ -63,6 +62,14 @@ def diagnose_records(records: list[dict[str, Any]], metrics: dict[str, Any] | No
         findings.append(forget)
     findings += detect_setup(s)
     findings += detect_generation_health(metrics)
+    if len(s.steps) < MIN_TRAIN_RECORDS:   # never an all-clear on a handful of numbers
+        findings.append(Finding(
+            "insufficient_data", "info",
+            f"only {len(s.steps)} training loss record{'s' if len(s.steps) != 1 else ''}: too few for a verdict",
+            f"Telling a trend from noise, a spike from a wiggle or a plateau from a slow descent needs at least "
+            f"{MIN_TRAIN_RECORDS} logged losses; nothing found here does not mean nothing is wrong.",
+            "Log more often (logging_steps) or train longer, then diagnose again.",
+            evidence={"train_records": int(len(s.steps)), "needed": MIN_TRAIN_RECORDS}))
     return sort_findings(findings)
 
 
@@ -71,51 +78,53 @@ def spikes_of(findings: list[Finding]) -> list[int]:
     return [int(p["step"]) for f in findings if f.kind == "fluctuation" for p in f.evidence.get("spikes", [])]
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        d = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError, UnicodeDecodeError):
-        return {}
-    return d if isinstance(d, dict) else {}
+def read_run(run_dir: str | Path, config: str | Path | None = None
+             ) -> tuple[list[dict[str, Any]], dict[str, Any] | None, dict[str, Any]]:
+    """(log records, eval metrics or None, config under lorafit's names) of a run folder or log file of
+    lorafit, LLaMA-Factory or HF Trainer (see sources.py); a log without train records reads as empty."""
+    src = load_source(run_dir, config, require_train=False)
+    return src.records, src.metrics, src.config
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, UnicodeDecodeError):
-        return None
-
-
-def read_run(run_dir: str | Path) -> tuple[list[dict[str, Any]], dict[str, Any] | None, dict[str, Any]]:
-    """(log records, eval metrics or None, raw config dict) of a run folder; only log.jsonl is required."""
-    run = Path(run_dir)
-    if not run.is_dir():
-        raise RunError("run folder not found", file=str(run))
-    metrics = _read_json(run / "eval" / "metrics.json")
-    return read_log(run / "log.jsonl"), metrics if isinstance(metrics, dict) else None, _read_yaml(run / "config.yaml")
-
-
-def diagnose_run(run_dir: str | Path, write_config: str | Path | None = None) -> list[Finding]:
-    """Diagnose a run folder, write RUN/diagnosis.json, and optionally the patched config.
+def diagnose_run(run_dir: str | Path, write_config: str | Path | None = None,
+                 config: str | Path | None = None) -> list[Finding]:
+    """Diagnose a run (lorafit's, LLaMA-Factory's, HF Trainer's: folder or log file), write diagnosis.json
+    beside it, and optionally the fixed config. `config`: the launch YAML, when not in the folder.
 
     diagnosis.json is a JSON list of findings (kind, severity, summary, explanation, fix, steps,
-    evidence, config_patch) so other tools (report, a CI gate) need not re-run the analysis.
+    evidence, config_patch) so other tools (report, a CI gate) need not re-run the analysis. For
+    another tool's run, config_patch and the written config use that tool's keys.
     """
-    run = Path(run_dir)
-    records, metrics, config = read_run(run)
-    findings = diagnose_records(records, metrics, config)
-    (run / "diagnosis.json").write_text(
-        json.dumps([f.to_dict() for f in findings], indent=2, ensure_ascii=False, allow_nan=False) + "\n",
-        encoding="utf-8")
+    src = load_source(run_dir, config)
+    findings = diagnose_records(src.records, src.metrics, src.config)
+    if src.kind != LORAFIT:
+        total = build_series(src.records, src.config).total_steps or None
+        shown = tool_patches(findings, src.kind, src.tool_config, total)
+    else:
+        shown = findings
+        cfg_path = Path(config) if config is not None else src.folder / "config.yaml"
+        if write_config is not None and not cfg_path.is_file():
+            raise RunError("no config.yaml to patch (a run folder written by `lorafit train` has one)",
+                           file=str(cfg_path))
+    try:
+        (src.folder / "diagnosis.json").write_text(
+            json.dumps([f.to_dict() for f in shown], indent=2, ensure_ascii=False, allow_nan=False) + "\n",
+            encoding="utf-8")
+    except OSError as e:
+        raise RunError(f"cannot write diagnosis.json: {e.strerror or e}", file=str(src.folder)) from None
     if write_config is not None:
-        write_patched_config(run, findings, write_config)
-    return findings
+        if src.kind == LORAFIT:
+            write_patched_config(src.folder, findings, write_config, config_file=cfg_path)
+        else:
+            write_tool_config(findings, write_config, src.kind, src.tool_config, src.tool_config_file, total)
+    return shown
 
 
-def write_patched_config(run_dir: str | Path, findings: list[Finding], out: str | Path) -> dict[str, Any]:
-    """RUN/config.yaml with every finding's patch applied (merged conservatively), validated and
-    saved ready for `lorafit train`. Returns the merged patch."""
-    cfg_path = Path(run_dir) / "config.yaml"
+def write_patched_config(run_dir: str | Path, findings: list[Finding], out: str | Path,
+                         config_file: str | Path | None = None) -> dict[str, Any]:
+    """RUN/config.yaml (or config_file) with every finding's patch applied (merged conservatively),
+    validated and saved ready for `lorafit train`. Returns the merged patch."""
+    cfg_path = Path(config_file) if config_file is not None else Path(run_dir) / "config.yaml"
     if not cfg_path.is_file():
         raise RunError("no config.yaml to patch (a run folder written by `lorafit train` has one)", file=str(cfg_path))
     patch = merge_patches(findings)

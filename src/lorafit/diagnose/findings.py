@@ -15,7 +15,7 @@ from typing import Any
 SEVERITIES = ("info", "warning", "critical")
 
 KINDS = ("divergence", "overfitting", "forgetting", "fluctuation", "grad_explosion", "warmup_too_short",
-         "plateau", "lr_too_low", "truncation", "no_validation")
+         "plateau", "lr_too_low", "truncation", "no_validation", "insufficient_data")
 
 
 @dataclass
@@ -96,7 +96,10 @@ def format_findings(findings: list[Finding]) -> str:
     # Info items are notes about the setup (sampling noise of a small batch, a missing warmup that did no
     # harm), not problems: a run with only notes is a healthy run and says so first.
     problems = counts.get("warning", 0) + counts.get("critical", 0)
-    lines = [f"Diagnosis: {head}" if problems else f"No problems found ({head.replace('info', 'note' + ('s' if counts['info'] > 1 else ''))}).", ""]
+    notes = head.replace('info', 'note' + ('s' if counts['info'] > 1 else ''))
+    verdict = ("Too little evidence for a verdict" if any(f.kind == "insufficient_data" for f in findings)
+               else "No problems found")
+    lines = [f"Diagnosis: {head}" if problems else f"{verdict} ({notes}).", ""]
     for f in sort_findings(findings):
         where = format_steps(f.steps)
         lines.append(f"[{f.severity.upper()}] {f.kind}: {f.summary}" + (f" ({where})" if where else ""))

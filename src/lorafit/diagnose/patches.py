@@ -7,7 +7,11 @@ learning rate, the shorter run, the stronger regularisation wins.
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 from typing import Any, Callable
+
+import yaml
 
 from .findings import Finding, sort_findings
 
@@ -71,3 +75,142 @@ def merge_patches(findings: list[Finding]) -> dict[str, Any]:
         for k, v in f.config_patch.items():
             out[k] = _MERGE.get(k, lambda old, new: old)(out[k], v) if k in out else v
     return out
+
+
+# --- the same fixes in another tool's words -------------------------------------------------------
+# lorafit key -> the key LLaMA-Factory (and transformers' TrainingArguments) reads for the same thing.
+TOOL_KEYS = {"learning_rate": "learning_rate", "num_epochs": "num_train_epochs", "max_steps": "max_steps",
+             "max_grad_norm": "max_grad_norm", "weight_decay": "weight_decay",
+             "gradient_accumulation_steps": "gradient_accumulation_steps", "batch_size": "per_device_train_batch_size"}
+LF_ONLY = {"lora_dropout": "lora_dropout", "lora_rank": "lora_rank", "lora_alpha": "lora_alpha",
+           "max_length": "cutoff_len", "val_size": "val_size"}
+NEFTUNE_ALPHA = 5.0   # the NEFTune paper's value for 7B-scale SFT: noise on embeddings, LF and HF both have it
+GENERAL_SET = "alpaca_en"   # LLaMA-Factory's own general instruction set (data/dataset_info.json, from the hub)
+
+
+def _warmup(patch: dict[str, Any], total: int | None) -> int:
+    """lorafit's rule (the larger of warmup_steps and ratio x total) as the one integer warmup_steps that
+    transformers 4 and 5 both read (5 dropped warmup_ratio; in 4 warmup_steps > 0 wins over it)."""
+    steps = int(patch.get("warmup_steps") or 0)
+    if total:
+        return min(total, max(steps, math.ceil(float(patch.get("warmup_ratio") or 0) * total)))
+    return max(steps, 1)
+
+
+def in_tool_words(patch: dict[str, Any], kind: str, tool_cfg: dict[str, Any] | None = None,
+                  total_steps: int | None = None) -> tuple[dict[str, Any], list[str]]:
+    """A lorafit patch as (the tool's keys -> values, None = remove the key; notes for fixes with no key).
+
+    kind is "llamafactory" (its YAML: TrainingArguments plus its own finetuning and data keys) or
+    "hf_trainer" (TrainingArguments names; LoRA and data settings live elsewhere and become notes).
+    """
+    lf = kind == "llamafactory"
+    cfg = tool_cfg or {}
+    out: dict[str, Any] = {}
+    notes: list[str] = []
+    for k, v in patch.items():
+        if k in TOOL_KEYS:
+            out[TOOL_KEYS[k]] = v
+        elif k in LF_ONLY and lf:
+            out[LF_ONLY[k]] = v
+        elif k in ("lora_dropout", "lora_rank", "lora_alpha"):
+            notes.append(f"LoraConfig({'r' if k == 'lora_rank' else k}={v})")
+        elif k == "max_length":
+            notes.append(f"tokenize with max_length={v} (examples are being truncated)")
+        elif k == "dtype" and v == "bfloat16":
+            out.update(bf16=True, fp16=False)
+    if "warmup_ratio" in patch or "warmup_steps" in patch:
+        out["warmup_steps"] = _warmup(patch, total_steps)
+        if "warmup_ratio" in cfg:
+            out["warmup_ratio"] = None
+    if "early_stopping_patience" in patch:
+        out.update(load_best_model_at_end=True, metric_for_best_model="eval_loss")
+        out.update(_same_save_and_eval(cfg))
+        if lf:
+            out["early_stopping_steps"] = patch["early_stopping_patience"]
+        else:
+            notes.append(f"callbacks=[EarlyStoppingCallback(early_stopping_patience={patch['early_stopping_patience']})]")
+    if "augment" in patch:
+        out["neftune_noise_alpha"] = NEFTUNE_ALPHA
+        notes.append("neftune_noise_alpha: noise on the embeddings while training, the regulariser these tools "
+                     "have in place of lorafit's prompt augmentation")
+    if "val_size" in patch:
+        out.update(eval_strategy="steps", eval_steps=int(cfg.get("save_steps") or 100))
+        if not lf:
+            notes.append("pass an eval_dataset (10% of the data held out) to the Trainer")
+    if "general_ratio" in patch:
+        out.update(_general_mix(cfg, float(patch["general_ratio"]), lf, notes))
+    return out, notes
+
+
+def _same_save_and_eval(cfg: dict[str, Any]) -> dict[str, Any]:
+    """load_best_model_at_end needs saves where evaluations are (TrainingArguments refuses otherwise)."""
+    strategy = cfg.get("eval_strategy") or cfg.get("evaluation_strategy") or "steps"
+    out: dict[str, Any] = {"eval_strategy": strategy, "save_strategy": strategy}
+    ev, sv = cfg.get("eval_steps"), cfg.get("save_steps")
+    if strategy == "steps":
+        ev = ev or sv or 100
+        out["eval_steps"] = ev
+        if not (isinstance(sv, int) and isinstance(ev, int) and sv % ev == 0):
+            out["save_steps"] = ev
+    return out
+
+
+def _general_mix(cfg: dict[str, Any], ratio: float, lf: bool, notes: list[str]) -> dict[str, Any]:
+    """General-domain data mixed in at `ratio`: LLaMA-Factory's interleave strategy over its datasets."""
+    names = cfg.get("dataset")
+    names = [n.strip() for n in names.split(",")] if isinstance(names, str) else list(names or [])
+    if not lf or not names or cfg.get("eval_dataset"):
+        # without the dataset list (or with eval_dataset, whose count interleave_probs must also match)
+        # the probabilities cannot be written for this config
+        notes.append(f"mix general instruction data in at {ratio:.0%} of the examples (LLaMA-Factory: add e.g. "
+                     f"{GENERAL_SET} to dataset, mix_strategy: interleave_under, interleave_probs per dataset)")
+        return {}
+    names = [n for n in names if n != GENERAL_SET]
+    share = round((1 - ratio) / len(names), 4)
+    notes.append(f"{GENERAL_SET} is LLaMA-Factory's general instruction set (downloaded from the hub); any "
+                 "general set named in dataset_info.json works")
+    return {"dataset": ",".join(names + [GENERAL_SET]), "mix_strategy": "interleave_under",
+            "interleave_probs": ",".join([f"{share:g}"] * len(names) + [f"{ratio:g}"])}
+
+
+def tool_patches(findings: list[Finding], kind: str, tool_cfg: dict[str, Any] | None = None,
+                 total_steps: int | None = None) -> list[Finding]:
+    """Copies of the findings whose config_patch is in the tool's words (removals left out)."""
+    import dataclasses
+
+    out = []
+    for f in findings:
+        words, _ = in_tool_words(f.config_patch, kind, tool_cfg, total_steps)
+        out.append(dataclasses.replace(f, config_patch={k: v for k, v in words.items() if v is not None}))
+    return out
+
+
+def write_tool_config(findings: list[Finding], out: str | Path, kind: str, tool_cfg: dict[str, Any],
+                      source_file: Path | None, total_steps: int | None) -> dict[str, Any]:
+    """The launch YAML with every finding's fix applied, in the tool's own keys (the patch alone as a key
+    list when there was no YAML to start from); fixes with no key are comments at the top. Returns the
+    tool-keyed patch. Written whole or not at all."""
+    tool = "LLaMA-Factory" if kind == "llamafactory" else "HF Trainer (TrainingArguments)"
+    words, notes = in_tool_words(merge_patches(findings), kind, tool_cfg, total_steps)
+    if tool_cfg:
+        doc = dict(tool_cfg)
+        head = [f"# {tool} config from {source_file}, with the fixes of `lorafit diagnose` applied:"]
+        for k, v in words.items():
+            if doc.get(k) != v:
+                head.append(f"#   {k}: {doc.get(k, '(unset)')} -> {'(removed)' if v is None else v}")
+            if v is None:
+                doc.pop(k, None)
+            else:
+                doc[k] = v
+    else:
+        doc = {k: v for k, v in words.items() if v is not None}
+        head = [f"# The fixes of `lorafit diagnose` in {tool} keys (no launch config was given: merge these into yours)."]
+    head += [f"# also: {n}" for n in notes]
+    text = "\n".join(head) + "\n" + (yaml.safe_dump(doc, sort_keys=False, allow_unicode=True) if doc else "")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, out)
+    return words

@@ -6,7 +6,6 @@ may lack `lr` or `grad_norm`, and a diverged run logs NaN losses (kept apart as 
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +14,10 @@ from typing import Any
 import numpy as np
 
 from ..errors import RunError
+
+# Fewer logged training losses than this get no verdict, only a note saying so: the detectors' noise,
+# trend and spike statistics need about ten points before "nothing found" means anything.
+MIN_TRAIN_RECORDS = 10
 
 
 @dataclass
@@ -154,22 +157,14 @@ def _num(v: Any) -> float | None:
 
 
 def read_log(path: str | Path) -> list[dict[str, Any]]:
-    """Records of a log.jsonl; lines that are not JSON objects (a partial last line) are skipped."""
+    """Records of a log.jsonl; lines that are not JSON objects (a partial last line) are skipped, a binary
+    or non-UTF-8 file is a RunError (an unreadable log must never read as a log without problems)."""
+    from .sources import json_lines
+
     p = Path(path)
     if not p.is_file():
         raise RunError("no log.jsonl: not a run folder, or training has not started", file=str(p))
-    out = []
-    for line in p.read_text(encoding="utf-8", errors="replace").splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(rec, dict):
-            out.append(rec)
-    return out
+    return json_lines(p)
 
 
 def build_series(records: list[dict[str, Any]], config: dict[str, Any] | None = None) -> RunSeries:

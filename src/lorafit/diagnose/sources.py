@@ -1,0 +1,269 @@
+"""Where a run's numbers come from: lorafit's own run folder, a LLaMA-Factory output folder, a
+transformers Trainer output or checkpoint folder, or one log file of any of these shapes.
+
+Most runs people want diagnosed were trained with something else, so every source is turned into
+lorafit's `log.jsonl` records (`{"type": "train" | "eval" | "event", ...}`) and its config keys,
+which is all the detectors read. The shapes, as their writers produce them:
+
+- LLaMA-Factory `trainer_log.jsonl` (`LogCallback.on_log`): `current_steps`, `total_steps`, `loss`,
+  `eval_loss`, `predict_loss`, `reward`, `accuracy`, `lr` (`learning_rate` before late 2024),
+  `epoch`, `percentage`, `elapsed_time`, `remaining_time`, `throughput`, `total_tokens`; keys whose
+  value is None are left out, so a train line has `loss`, an evaluation line `eval_loss`, and the
+  progress lines of a predict-only run neither.
+- transformers `trainer_state.json` (`TrainerState`): `log_history` entries with `step`, `epoch` and
+  `loss`, `grad_norm` (since 4.38), `learning_rate` for training; `eval_loss` or, with several eval
+  sets, `eval_<name>_loss`; a final `train_loss`/`train_runtime` entry. `max_steps`, and since 4.40
+  `logging_steps`.
+- The launch YAML (LLaMA-Factory's, or TrainingArguments keys): mapped onto lorafit's names below,
+  with the defaults those tools apply when a key is absent.
+
+Nothing here guesses: no train record is an error naming the file and the shapes it could have had.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import RunError
+from .toolconfig import lorafit_config, tool_config
+
+LORAFIT, LLAMAFACTORY, HF = "lorafit", "llamafactory", "hf_trainer"
+TOOL_NAMES = {LORAFIT: "lorafit", LLAMAFACTORY: "LLaMA-Factory", HF: "HF Trainer"}
+EXPECTED = ("expected lorafit's log.jsonl ({\"type\": \"train\", \"step\", \"loss\"}), LLaMA-Factory's "
+            "trainer_log.jsonl ({\"current_steps\", \"loss\"}) or HF Trainer's trainer_state.json "
+            "(log_history with \"step\" and \"loss\")")
+_EVAL_KEY = re.compile(r"eval_(?:(.+)_)?loss")
+
+
+@dataclass
+class RunSource:
+    """A run's records in lorafit's shape, and the config both as lorafit keys and as the tool wrote it."""
+
+    kind: str                              # LORAFIT | LLAMAFACTORY | HF
+    folder: Path                           # where diagnosis.json and the report go
+    log_file: Path                         # the file the records were read from
+    records: list[dict[str, Any]]
+    metrics: dict[str, Any] | None
+    config: dict[str, Any]                 # lorafit key names: what the detectors read
+    tool_config: dict[str, Any] = field(default_factory=dict)   # the source tool's own keys
+    tool_config_file: Path | None = None
+
+    @property
+    def tool(self) -> str:
+        return TOOL_NAMES[self.kind]
+
+
+# --- reading files ------------------------------------------------------------------------------
+def json_lines(path: Path) -> list[dict[str, Any]]:
+    """JSON objects of a JSON-lines file. A partial last line (a run killed mid-write) is skipped;
+    a binary or non-UTF-8 file is an error, never an empty log."""
+    data = _read_bytes(path)
+    if b"\0" in data:
+        raise RunError("binary file, not a JSON-lines log", file=str(path),
+                       line=data.count(b"\n", 0, data.index(b"\0")) + 1)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if b"\n" in data[e.start:].rstrip(b"\r\n"):   # not just a last line cut inside a character
+            raise RunError(f"not UTF-8 text (byte {e.start})", file=str(path),
+                           line=data.count(b"\n", 0, e.start) + 1) from None
+        text = data[:data.rfind(b"\n", 0, e.start) + 1].decode("utf-8")
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            rec = json.loads(line)
+        except (json.JSONDecodeError, RecursionError):
+            continue
+        if isinstance(rec, dict):
+            out.append(rec)
+    return out
+
+
+def _read_bytes(path: Path) -> bytes:
+    if not path.is_file():
+        raise RunError("file not found", file=str(path))
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise RunError(f"cannot read: {e.strerror or e}", file=str(path)) from None
+
+
+def _read_json(path: Path) -> Any:
+    data = _read_bytes(path)
+    try:
+        return json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise RunError(f"not a JSON file ({type(e).__name__})", file=str(path)) from None
+
+
+def _optional_json(path: Path) -> dict[str, Any] | None:
+    """A side file that only adds detail (eval/metrics.json): unreadable means absent."""
+    try:
+        d = _read_json(path) if path.is_file() else None
+    except RunError:
+        return None
+    return d if isinstance(d, dict) else None
+
+
+# --- shapes -> lorafit records ------------------------------------------------------------------
+def sniff(rows: list[dict[str, Any]]) -> str | None:
+    """Which writer produced these JSON objects (None when none of the known ones did)."""
+    if any(r.get("type") in ("train", "eval", "event") for r in rows):
+        return LORAFIT
+    if any("current_steps" in r for r in rows):
+        return LLAMAFACTORY
+    if any("step" in r and ("loss" in r or any(_EVAL_KEY.fullmatch(k) for k in r)) for r in rows):
+        return HF
+    return None
+
+
+def _num(v: Any) -> float | None:
+    if isinstance(v, bool) or v is None:
+        return None
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return None
+
+
+def from_llamafactory(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """trainer_log.jsonl lines -> lorafit records; `eval_loss` is the `val` split (LLaMA-Factory's
+    val_size split), progress-only lines (predict runs, the final summary) carry no loss and drop out."""
+    out: list[dict[str, Any]] = []
+    total = None
+    for r in rows:
+        step = _num(r.get("current_steps"))
+        if step is None:
+            continue
+        total = _num(r.get("total_steps")) or total
+        if "loss" in r:
+            out.append({"type": "train", "step": int(step), "loss": r["loss"],
+                        "lr": r.get("lr", r.get("learning_rate")), "epoch": r.get("epoch"),
+                        "tokens_per_s": r.get("throughput")})
+        if "eval_loss" in r:
+            out.append({"type": "eval", "step": int(step), "split": "val", "eval_loss": r["eval_loss"]})
+    if total:
+        out.insert(0, {"type": "event", "step": 0, "event": "start", "total_steps": int(total)})
+    return out
+
+
+def from_log_history(history: list[Any], state: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """TrainerState.log_history -> lorafit records. `eval_loss` is split `val`, `eval_<name>_loss`
+    split `<name>` (Trainer's prefix for a dict of eval datasets)."""
+    out: list[dict[str, Any]] = []
+    for e in history:
+        if not isinstance(e, dict) or _num(e.get("step")) is None:
+            continue
+        step = int(_num(e["step"]))
+        if "loss" in e:
+            out.append({"type": "train", "step": step, "loss": e["loss"], "lr": e.get("learning_rate"),
+                        "grad_norm": e.get("grad_norm"), "epoch": e.get("epoch")})
+        for k, v in e.items():
+            m = _EVAL_KEY.fullmatch(k)
+            if m:
+                out.append({"type": "eval", "step": step, "split": m.group(1) or "val", "eval_loss": v})
+    start = {}
+    for key, name in (("max_steps", "total_steps"), ("logging_steps", "logging_steps")):
+        v = _num((state or {}).get(key))
+        if v is not None and v >= 1:
+            start[name] = int(v)
+    if start:
+        out.insert(0, {"type": "event", "step": 0, "event": "start", **start})
+    return out
+
+
+def records_of(rows: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    if kind == LLAMAFACTORY:
+        return from_llamafactory(rows)
+    if kind == HF:
+        return from_log_history(rows)
+    return rows
+
+
+def _state_records(path: Path) -> list[dict[str, Any]]:
+    state = _read_json(path)
+    if isinstance(state, list):          # log_history saved on its own
+        return from_log_history(state)
+    if not isinstance(state, dict) or not isinstance(state.get("log_history"), list):
+        raise RunError("not a trainer_state.json (no log_history list)", file=str(path), field="log_history")
+    return from_log_history(state["log_history"], state)
+
+
+def _last_train_step(records: list[dict[str, Any]]) -> float:
+    return max((_num(r.get("step")) or 0 for r in records if r.get("type") == "train"), default=-1)
+
+
+def _latest_checkpoint(folder: Path) -> Path | None:
+    cands = [(int(p.name.split("-")[1]), p) for p in folder.glob("checkpoint-*")
+             if p.name.split("-")[1].isdigit() and (p / "trainer_state.json").is_file()]
+    return max(cands)[1] / "trainer_state.json" if cands else None
+
+
+# --- finding the source -------------------------------------------------------------------------
+def load_source(path: str | Path, config: str | Path | None = None, require_train: bool = True) -> RunSource:
+    """The run at PATH (a folder or one log file) in lorafit's shape; `config` is the launch YAML
+    (lorafit's config for a lorafit run, LLaMA-Factory's or TrainingArguments keys otherwise).
+    Without a single train record it is a RunError naming the file (unless require_train is off)."""
+    p = Path(path)
+    if not p.exists():
+        raise RunError("not found: expected a run folder or a training log file", file=str(p))
+    kind, log_file, records = _find_log(p)
+    folder = p if p.is_dir() else p.parent
+    if require_train and not any(r.get("type") == "train" for r in records):
+        raise RunError(f"no training records (no line with a step and a loss); {EXPECTED}",
+                       file=str(log_file))
+    metrics = _optional_json(folder / "eval" / "metrics.json")
+    if kind == LORAFIT:
+        cfg = lorafit_config(Path(config) if config is not None else folder / "config.yaml",
+                             required=config is not None)
+        return RunSource(kind, folder, log_file, records, metrics, cfg)
+    cfg_file = Path(config) if config is not None else _tool_config_file(folder, kind)
+    raw, cfg = tool_config(cfg_file, records, kind)
+    return RunSource(kind, folder, log_file, records, metrics, cfg or {"source": kind}, raw, cfg_file)
+
+
+def _tool_config_file(folder: Path, kind: str) -> Path | None:
+    """LLaMA Board saves the arguments it launched with as training_args.yaml in the output folder."""
+    p = folder / "training_args.yaml"
+    return p if kind == LLAMAFACTORY and p.is_file() else None
+
+
+def _find_log(p: Path) -> tuple[str, Path, list[dict[str, Any]]]:
+    if p.is_file():
+        return _file_log(p)
+    if (p / "log.jsonl").is_file():
+        return _file_log(p / "log.jsonl")
+    lf_log = p / "trainer_log.jsonl"
+    state = p / "trainer_state.json"
+    if not state.is_file():
+        state = _latest_checkpoint(p) or state
+    if lf_log.is_file() or (p / "training_args.yaml").is_file() or (p / "llamaboard_config.yaml").is_file():
+        # LLaMA-Factory: trainer_log.jsonl is written as training goes; trainer_state.json (root: at
+        # the end, checkpoint-N: at each save) adds grad_norm and named eval sets. Use the one that
+        # reaches further, trainer_state.json on a tie.
+        lf = from_llamafactory(json_lines(lf_log)) if lf_log.is_file() else []
+        st = _state_records(state) if state.is_file() else []
+        if st and _last_train_step(st) >= _last_train_step(lf):
+            return LLAMAFACTORY, state, st
+        if lf_log.is_file():
+            return LLAMAFACTORY, lf_log, lf
+    if state.is_file():
+        return HF, state, _state_records(state)
+    raise RunError(f"no training log in this folder; {EXPECTED} (HF also in checkpoint-N/)", file=str(p))
+
+
+def _file_log(p: Path) -> tuple[str, Path, list[dict[str, Any]]]:
+    if p.suffix == ".json":
+        return HF, p, _state_records(p)
+    rows = json_lines(p)
+    kind = sniff(rows)
+    if kind is None:   # nothing of a known shape: an empty lorafit log (load_source says what was expected)
+        return LORAFIT, p, []
+    return kind, p, records_of(rows, kind)
+
