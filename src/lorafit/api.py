@@ -104,10 +104,21 @@ def score(predictions: str | Path, *, mode: str = "llamafactory", lang: str | No
     return {**score_file(predictions, mode=mode, lang=lang), "health": health_file(predictions)}
 
 
-def diagnose(run: str | Path, *, write_config: str | Path | None = None, quiet: bool = False) -> list:
+def diagnose(run: str | Path, *, write_config: str | Path | None = None, quiet: bool = False,
+             config: str | Path | None = None) -> list:
+    """Findings for a lorafit run folder, a LLaMA-Factory or HF Trainer output folder, or one of their log
+    files; `config` is the launch YAML when it is not in the folder (LLaMA-Factory's, for its runs)."""
     from .diagnose import diagnose_run
 
-    return diagnose_run(_run_dir(run), write_config=None if write_config is None else str(write_config))
+    return diagnose_run(run, write_config=None if write_config is None else str(write_config), config=config)
+
+
+def evaluate_adapter(model: str, adapter: str | Path, val: dict[str, str | Path], out: str | Path, *,
+                     general: str | Path | None = None, **kwargs: Any) -> dict:
+    """Base vs base+adapter for any PEFT adapter (LLaMA-Factory, HF Trainer, Unsloth), no run folder needed."""
+    from .evaluate.foreign import evaluate_adapter as _evaluate_adapter
+
+    return _evaluate_adapter(model, adapter, val, out, general=general, **kwargs)
 
 
 def report(run: str | Path, *, study: str | Path | None = None) -> tuple[Path, Path]:
@@ -118,7 +129,9 @@ def report(run: str | Path, *, study: str | Path | None = None) -> tuple[Path, P
         from .blind import results
 
         study_res = results(study)
-    return write_report(_run_dir(run), study=study_res)
+    if not Path(run).is_dir():   # a lorafit run folder, or another tool's output folder (diagnose reads both)
+        raise RunError("not a folder: pass a run folder or a LLaMA-Factory / HF Trainer output folder", file=str(run))
+    return write_report(Path(run), study=study_res)
 
 
 def demo(out: str | Path = "runs/demo", *, progress: bool = True) -> dict:

@@ -34,7 +34,12 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--out", required=True)
 
     e = sub.add_parser("eval", help="ROUGE/BLEU before and after fine-tuning on every validation set")
-    e.add_argument("run")
+    e.add_argument("run", nargs="?", default=None, help="a lorafit run folder (or use --model/--adapter/--val/--out)")
+    e.add_argument("--model", default=None, help="base model of a PEFT adapter trained elsewhere (folder or hub id)")
+    e.add_argument("--adapter", default=None, help="PEFT adapter folder (LLaMA-Factory saves/..., HF checkpoint-N, ...)")
+    e.add_argument("--val", action="append", default=None, metavar="NAME=FILE", help="a validation set (repeatable)")
+    e.add_argument("--general", default=None, metavar="FILE", help="general-domain set, for forgetting")
+    e.add_argument("--out", default=None, help="output folder for --adapter (FOLDER/eval lets `lorafit report FOLDER` find it)")
     e.add_argument("--max-new-tokens", type=int, default=None)
     e.add_argument("--batch-size", type=int, default=None)
     e.add_argument("--max-samples", type=int, default=None)
@@ -54,8 +59,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
 
     d = sub.add_parser("diagnose", help="find what went wrong in a run and write the fix")
-    d.add_argument("run")
-    d.add_argument("--write-config", default=None, help="write the patched config here")
+    d.add_argument("run", help="lorafit run folder, LLaMA-Factory / HF Trainer output or checkpoint folder, or a log file")
+    d.add_argument("--write-config", default=None, help="write the patched config here (in the run's tool's keys)")
+    d.add_argument("--config", default=None, help="the YAML the run was launched with (LLaMA-Factory's, for its runs)")
 
     r = sub.add_parser("report", help="report.html + report.md for a run")
     r.add_argument("run")
@@ -130,7 +136,15 @@ def _run(args: argparse.Namespace, extra: list[str], argv: list[str]) -> int:
         print(api.generate(args.run, args.prompt, max_new_tokens=args.max_new_tokens, base_only=args.base))
     elif args.cmd == "merge":
         print(f"merged model: {api.merge(args.run, args.out)}")
+    elif args.cmd == "eval" and (args.adapter or args.model or args.val or args.out):
+        api.evaluate_adapter(*_foreign_eval_args(args), general=args.general, max_new_tokens=args.max_new_tokens,
+                             batch_size=args.batch_size, max_samples=args.max_samples, mode=args.mode, device=args.device)
+        print((Path(args.out) / "metrics.md").read_text(encoding="utf-8"))
     elif args.cmd == "eval":
+        if args.run is None:
+            from .errors import ConfigError
+
+            raise ConfigError("give a run folder, or --model, --adapter, --val NAME=FILE and --out", field="run")
         if args.flips < 0:
             from .errors import ConfigError
 
@@ -151,7 +165,7 @@ def _run(args: argparse.Namespace, extra: list[str], argv: list[str]) -> int:
     elif args.cmd == "diagnose":
         from .diagnose import format_findings
 
-        findings = api.diagnose(args.run, write_config=args.write_config)
+        findings = api.diagnose(args.run, write_config=args.write_config, config=args.config)
         print(format_findings(findings))
         if args.write_config:
             print(f"patched config: {args.write_config}")
@@ -167,6 +181,26 @@ def _run(args: argparse.Namespace, extra: list[str], argv: list[str]) -> int:
               f"\n  loss.png     loss curves\n  eval/metrics.md  ROUGE/BLEU before vs after\n  diagnosis.json"
               f"\n  report.html  everything in one page")
     return 0
+
+
+def _foreign_eval_args(args: argparse.Namespace) -> tuple[str, str, dict[str, str], str]:
+    """--model/--adapter/--val/--out of `lorafit eval` for an adapter without a run folder, checked."""
+    from .errors import ConfigError
+
+    if args.run is not None:
+        raise ConfigError("give either a run folder or --model/--adapter, not both", field="run")
+    for name in ("model", "adapter", "val", "out"):
+        if not getattr(args, name):
+            raise ConfigError("is required to evaluate an adapter without a run folder", field=f"--{name}")
+    val: dict[str, str] = {}
+    for item in args.val:
+        name, sep, path = item.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise ConfigError(f"must look like NAME=FILE, got {item!r}", field="--val")
+        if name.strip() in val or name.strip() == "general":
+            raise ConfigError(f"set name {name.strip()!r} used twice (or 'general', which --general names)", field="--val")
+        val[name.strip()] = path.strip()
+    return args.model, args.adapter, val, args.out
 
 
 def _blind(args: argparse.Namespace) -> int:
