@@ -61,9 +61,10 @@ def generate(run: str | Path, prompt: str, *, max_new_tokens: int = 256, base_on
     from .data import ensure_template, render_prompt
     from .model import load_run_model
 
+    _counts(**{"--max-new-tokens": max_new_tokens})
     run = _run_dir(run)
     cfg = load_config(run / "config.yaml")
-    model, tok = load_run_model(run, with_adapter=not base_only, device=device)
+    model, tok = load_run_model(run, with_adapter=not base_only, device=device, purpose="generate")
     ensure_template(tok, cfg.template)
     text = render_prompt(tok, [{"role": "user", "content": prompt}], cfg.system_prompt)
     enc = tok(text, return_tensors="pt", add_special_tokens=False).to(next(model.parameters()).device)
@@ -93,7 +94,10 @@ def evaluate(run: str | Path, *, checkpoints: bool = False, select: bool = False
         plot_checkpoints(run)
         return table
     from .evaluate import evaluate_run
+    from .model import check_adapter
 
+    _counts(**{f"--{k.replace('_', '-')}": kwargs.get(k) for k in ("max_new_tokens", "batch_size", "max_samples")})
+    check_adapter(_run_dir(run) / "adapter", "evaluate")  # before minutes of loading and generating with the base
     return evaluate_run(_run_dir(run), **kwargs)
 
 
@@ -144,6 +148,17 @@ def demo(out: str | Path = "runs/demo", *, progress: bool = True) -> dict:
     findings = diagnose(result.run_dir)
     html, md = report(result.run_dir)
     return {"run_dir": result.run_dir, "metrics": metrics, "findings": findings, "report": html}
+
+
+def _counts(**options: int | None) -> None:
+    """Command-line counts (--max-new-tokens, --max-samples, ...) are >= 1 when given: -1 must not
+    quietly mean 'all but one' or 'generate nothing'."""
+    from .config import INT_MAX
+    from .errors import ConfigError
+
+    for name, value in options.items():
+        if value is not None and not 1 <= value <= INT_MAX:
+            raise ConfigError(f"must be a whole number from 1 to {INT_MAX:,}, got {value}", field=name)
 
 
 def _run_dir(run: str | Path) -> Path:

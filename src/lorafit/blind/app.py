@@ -13,6 +13,7 @@ import io
 import json
 import re
 import secrets
+import socket
 import sys
 from importlib import resources
 from pathlib import Path
@@ -26,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..errors import ConfigError
 from . import stats, store
 
 MAX_BODY = 64 * 1024  # a rating is < 1 KiB; the cap keeps a bad client from filling memory
@@ -105,16 +107,24 @@ def _error_message(exc: RequestValidationError) -> tuple[int, str]:
 
 
 class _BodyLimit:
-    """Pure ASGI middleware: refuse bodies over MAX_BODY, declared or streamed."""
+    """Pure ASGI middleware: refuse bodies over MAX_BODY, declared or streamed.
 
-    def __init__(self, app: Any) -> None:
+    The token comes first (as docs/blind-test.md says): a request without a valid one gets 401 whatever
+    its size, so the 413 tells nobody without a token anything. `authorized(authorization header)`
+    decides; a streamed body over the limit is refused by the route, after its own token check."""
+
+    def __init__(self, app: Any, authorized: Any = None) -> None:
         self.app = app
+        self.authorized = authorized
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        declared = dict(scope.get("headers") or []).get(b"content-length")
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > MAX_BODY):
+            if self.authorized is not None and not self.authorized(headers.get(b"authorization", b"")):
+                return await JSONResponse({"error": "missing or invalid token"}, 401, _HEADERS)(scope, receive, send)
             return await JSONResponse({"error": "request body too large"}, 413, _HEADERS)(scope, receive, send)
         seen = 0
 
@@ -135,7 +145,6 @@ def make_app(db_path: str | Path) -> FastAPI:
     db = study.path
     admin_hash = study.meta["admin_token_hash"]
     app = FastAPI(title="lorafit blind test", docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(_BodyLimit)
 
     def rater_for(token: str | None) -> str | None:
         """Compares against every rater (no early exit), so timing says nothing about tokens."""
@@ -163,6 +172,14 @@ def make_app(db_path: str | Path) -> FastAPI:
         if token is None or not hmac.compare_digest(store.hash_token(token), admin_hash):
             raise HTTPException(401, "missing or invalid admin token")
 
+    def any_token(authorization: bytes) -> bool:
+        scheme, _, value = authorization.decode("latin-1").partition(" ")
+        token = value.strip() if scheme.lower() == "bearer" else ""
+        return bool(token) and (rater_for(token) is not None
+                                or hmac.compare_digest(store.hash_token(token), admin_hash))
+
+    app.add_middleware(_BodyLimit, authorized=any_token)
+
     def own_slot(rid: str, item_id: str) -> int:
         slot = study.a_slot(rid, item_id)
         if slot is None:  # unknown and someone else's look the same: no probing for ids
@@ -172,6 +189,10 @@ def make_app(db_path: str | Path) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)  # also catches routing's 404/405
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return JSONResponse({"error": exc.detail}, exc.status_code, _HEADERS)
+
+    @app.exception_handler(Exception)  # a bug: 500, with the same headers as every other answer
+    async def _server_error(request: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse({"error": "internal server error"}, 500, _HEADERS)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -289,12 +310,37 @@ def make_app(db_path: str | Path) -> FastAPI:
 
 
 def serve(db_path: str | Path, host: str = "127.0.0.1", port: int = 8765) -> None:
-    """Serve a study until interrupted. No TLS: beyond loopback, put it behind an HTTPS proxy."""
+    """Serve a study until interrupted. No TLS: beyond loopback, put it behind an HTTPS proxy.
+
+    The socket is bound here, before uvicorn starts: a port out of range or in use is a ConfigError
+    (one line, exit status 2) instead of uvicorn's log line and its exit status 3."""
+    if isinstance(port, bool) or not 1 <= port <= 65535:
+        raise ConfigError(f"must be a port number from 1 to 65535, got {port}", field="--port")
     app = make_app(db_path)
+    sock = _listen(host, port)
     print(f"lorafit blind: serving {db_path} on http://{host}:{port}/r/<rater token>",
           file=sys.stderr, flush=True)
     if host not in ("127.0.0.1", "localhost", "::1"):
         print("lorafit blind: warning: plain HTTP beyond loopback sends rater tokens in clear; "
               "put an HTTPS reverse proxy in front", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=host, port=port, access_log=False, log_level="warning",
-                timeout_graceful_shutdown=5)
+    config = uvicorn.Config(app, access_log=False, log_level="warning", timeout_graceful_shutdown=5)
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        sock.close()
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as e:
+        raise ConfigError(f"cannot resolve host {host!r} ({e.strerror or e})", field="--host") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(2048)
+    except OSError as e:
+        sock.close()
+        raise ConfigError(f"cannot listen on {host}:{port} ({e.strerror or e})", field="--port") from None
+    return sock

@@ -189,7 +189,8 @@ def results_plot(res: dict[str, Any], path: str | Path | IO[bytes]) -> None:
     fig = Figure(figsize=(11, 4.2), dpi=110)
     FigureCanvasAgg(fig)
     ax1, ax2 = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 2]})
-    names = [res["models"][m]["name"] for m in "ab"]
+    # Model names are file names: a '$' would start matplotlib's mathtext ("a$x$.jsonl" crashes the draw).
+    names = [str(res["models"][m]["name"]).replace("$", r"\$") for m in "ab"]
     rows = [r for r, e in res["dimensions"].items() if e["a"] is not None]
     x = np.arange(len(rows))
     for k, (m, color) in enumerate((("a", "#9aa4b1"), ("b", "#0b5fff"))):

@@ -13,6 +13,7 @@ between the two, and the slot of model A for each (rater, item) is fixed in ``la
 from __future__ import annotations
 
 import hashlib
+import os
 import sqlite3
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -82,6 +83,10 @@ def connect(path: str | Path, *, create: bool = False) -> sqlite3.Connection:
     if not create and not path.is_file():
         raise DataError("study file not found", file=str(path))
     mode = "rwc" if create else "rw"
+    if create and not path.exists():
+        # The study names the models and holds the raters' answers: owner-only from the first byte
+        # (SQLite gives its -wal/-shm files the database file's permissions).
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
     conn = sqlite3.connect(f"file:{quote(str(path.resolve()))}?mode={mode}", uri=True, timeout=30,
                            isolation_level=None, check_same_thread=True)
     conn.row_factory = sqlite3.Row

@@ -14,10 +14,11 @@ import os
 import random
 import re
 import secrets
+import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import DataError, RunError
+from ..errors import ConfigError, DataError, LorafitError, RunError
 from ..evaluate.predictions import iter_json_objects, label_field, string_field
 from . import store
 
@@ -103,9 +104,13 @@ def create_study(pred_a: str | Path, pred_b: str | Path, raters: int, out: str |
     item_ids = [secrets.token_hex(8) for _ in pairs]
     rater_ids = [secrets.token_hex(8) for _ in tokens]
 
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{secrets.token_hex(4)}.tmp")
-    conn = store.connect(tmp, create=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        conn = store.connect(tmp, create=True)
+    except (OSError, sqlite3.Error) as e:
+        raise ConfigError(f"cannot be created ({getattr(e, 'strerror', None) or e})", file=str(out),
+                          field="--out") from None
     try:
         store.create_schema(conn)
         with store.transaction(conn):
@@ -119,14 +124,24 @@ def create_study(pred_a: str | Path, pred_b: str | Path, raters: int, out: str |
             conn.executemany("INSERT INTO layout VALUES (?, ?, ?, ?)",
                              _draw_layout(rater_ids, item_ids, random.Random(f"{seed}:{salt}")))
         store.enable_wal(conn)
+        conn.close()  # the last close checkpoints the WAL into the file, so the rename moves it all
+        os.replace(tmp, out)
+    except (OSError, sqlite3.Error) as e:  # disk full, a read-only mount, ...: one line naming the file
+        conn.close()
+        _remove_tmp(tmp)
+        raise LorafitError(f"cannot write the study ({getattr(e, 'strerror', None) or e}); nothing was kept",
+                           file=str(out), field="--out") from None
     except BaseException:
         conn.close()
-        tmp.unlink(missing_ok=True)
+        _remove_tmp(tmp)
         raise
-    conn.close()  # the last close checkpoints the WAL into the file, so the rename moves it all
-    os.replace(tmp, out)
     base = base_url.rstrip("/")
     return StudyInfo(str(out), [f"{base}/r/{t}" for t in tokens], admin_token, len(pairs), tokens)
+
+
+def _remove_tmp(tmp: Path) -> None:
+    for p in (tmp, Path(f"{tmp}-wal"), Path(f"{tmp}-shm"), Path(f"{tmp}-journal")):
+        p.unlink(missing_ok=True)
 
 
 def _draw_layout(rater_ids: list[str], item_ids: list[str], rng: random.Random) -> list[tuple]:

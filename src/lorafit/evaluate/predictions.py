@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from ..errors import DataError
+from ..readers import json_limit
 from .metrics import score_predictions
 
 Label = str | list[str]
@@ -53,6 +54,8 @@ def iter_json_objects(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
         except json.JSONDecodeError as e:
             raise DataError(f"unreadable line: not valid JSON, invalid JSON ({e.msg}, column {e.colno})",
                             file=str(path), line=i) from None
+        except (RecursionError, ValueError) as e:  # 100k-deep nesting; a number over 4,300 digits
+            raise DataError(f"unreadable line: invalid JSON ({json_limit(e)})", file=str(path), line=i) from None
         if not isinstance(rec, dict):
             raise DataError(f"expected a JSON object, got {type(rec).__name__}", file=str(path), line=i)
         seen = True
