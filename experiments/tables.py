@@ -2,19 +2,59 @@
 
     python experiments/tables.py [--results results] > docs/results-tables.md
 
-Every number printed comes from the JSON the runs wrote; nothing is typed in by hand.
+Every number printed comes from the JSON the runs wrote; nothing is typed in by hand. Intervals are
+recomputed from the committed predictions (results/runs/<name>/eval/predictions-*.jsonl) with
+lorafit's own paired bootstrap (lorafit.evaluate.stats: 2,000 resamples over prompts, seed 0): every
+delta, and "gain kept" / "degradation cut" as ratios of paired deltas resampled jointly over the same
+prompts (the runs answered the same test sets).
 """
 from __future__ import annotations
 
 import argparse
 import json
+from functools import lru_cache
 from pathlib import Path
 
+from lorafit.evaluate.metrics import ExampleStats, example_stats
+from lorafit.evaluate.predictions import iter_json_objects, read_predictions
+from lorafit.evaluate.stats import joint_ci, loss_stats, paired_summary
+from lorafit.evaluate.table import fmt_delta
+
 KEYS = ("rouge-1", "rouge-2", "rouge-l", "bleu-4")
+RUNS = Path(__file__).resolve().parents[1] / "results" / "runs"
 
 
 def _row(label: str, m: dict) -> str:
     return f"| {label} | " + " | ".join(f"{m[k]:.2f}" for k in KEYS) + " |"
+
+
+@lru_cache(maxsize=None)
+def set_stats(run: str, name: str, mode: str = "llamafactory") -> dict[str, tuple[ExampleStats, ExampleStats]]:
+    """{metric: (base, tuned)} per-prompt statistics of one set, from the committed predictions; "loss"
+    too when the files carry per-prompt losses (lorafit eval writes loss_sum/loss_tokens since issue 16)."""
+    out = {}
+    files = {w: RUNS / run / "eval" / f"predictions-{w}-{name}.jsonl" for w in ("base", "tuned")}
+    (pb, lb), (pt, lt) = read_predictions(files["base"]), read_predictions(files["tuned"])
+    sb, st = example_stats(pb, lb, mode), example_stats(pt, lt, mode)
+    out = {k: (sb[k], st[k]) for k in KEYS}
+    losses = []
+    for w in ("base", "tuned"):
+        recs = [r for _, r in iter_json_objects(files[w])]
+        if not all("loss_sum" in r and "loss_tokens" in r for r in recs):
+            break
+        losses.append(loss_stats([r["loss_sum"] for r in recs], [r["loss_tokens"] for r in recs]))
+    if len(losses) == 2:
+        out["loss"] = (losses[0], losses[1])
+    return out
+
+
+def _delta_row(label: str, run: str, name: str, mode: str) -> str:
+    st = set_stats(run, name, mode)
+    cells = []
+    for k in KEYS:
+        r = paired_summary(*st[k])
+        cells.append(fmt_delta(r["delta"], r["delta_ci95"]))
+    return f"| {label} | " + " | ".join(cells) + " |"
 
 
 def writeup_table(run: dict, domain_sets: list[str]) -> list[str]:
@@ -30,27 +70,49 @@ def writeup_table(run: dict, domain_sets: list[str]) -> list[str]:
                 before, after = run["metrics_standard"][f"base-{s}"], run["metrics_standard"][f"tuned-{s}"]
             out.append(_row(f"before (base), set `{s}`", before))
             out.append(_row(f"after, set `{s}`", after))
+            out.append(_delta_row(f"Δ [95% CI], set `{s}`", run["name"], s, mode))
     return out
 
 
 def forgetting_table(runs: list[dict]) -> tuple[list[str], list[tuple[str, float, float]]]:
-    """Domain gain against general-set degradation, each fix against the unmitigated `bitext` run."""
+    """Domain gain against general-set degradation, each fix against the unmitigated `bitext` run, with
+    95% intervals: deltas paired over each set's prompts; gain kept = Δ_fix / Δ_bitext (ROUGE-L, set
+    `seen`) and degradation cut = 1 - Δloss_fix / Δloss_bitext (general set), each resampled jointly."""
     head = ["| run | Δ ROUGE-L seen | Δ ROUGE-L unseen | general loss before → after (Δ) | Δ ROUGE-L general | "
             "degradation cut | domain gain kept |", "|---|---:|---:|---|---:|---:|---:|"]
     ref = next(r for r in runs if r["name"] == "bitext")["metrics_llamafactory"]["sets"]
-    ref_gain, ref_deg = ref["seen"]["delta"]["rouge-l"], ref["general"]["loss_after"] - ref["general"]["loss_before"]
+    ref_deg = ref["general"]["loss_after"] - ref["general"]["loss_before"]
     pts = []
     for r in runs:
         s = r["metrics_llamafactory"]["sets"]
         g = s["general"]
         deg = g["loss_after"] - g["loss_before"]
-        gain = s["seen"]["delta"]["rouge-l"]
-        cut = "—" if r["name"] == "bitext" else f"{100 * (1 - deg / ref_deg):.0f}%"
-        kept = "—" if r["name"] == "bitext" else f"{100 * gain / ref_gain:.0f}%"
-        head.append(f"| {r['name']} | {gain:+.2f} | {s['unseen']['delta']['rouge-l']:+.2f} | "
-                    f"{g['loss_before']:.3f} → {g['loss_after']:.3f} ({deg:+.3f}) | {g['delta']['rouge-l']:+.2f} | {cut} | {kept} |")
+        d = {n: paired_summary(*set_stats(r["name"], n)["rouge-l"]) for n in ("seen", "unseen", "general")}
+        gain = d["seen"]["delta"]
+        loss_ci = ""
+        if "loss" in set_stats(r["name"], "general"):
+            loss_ci = fmt_delta(deg, paired_summary(*set_stats(r["name"], "general")["loss"])["delta_ci95"], 3)[len(f"{deg:+.3f}"):]
+        cut, kept = "—", "—"
+        if r["name"] != "bitext":
+            k, kci = joint_ci([set_stats("bitext", "seen")["rouge-l"], set_stats(r["name"], "seen")["rouge-l"]],
+                              lambda a, b: b / a)
+            kept = _pct(k, kci)
+            if "loss" in set_stats("bitext", "general") and "loss" in set_stats(r["name"], "general"):
+                c, cci = joint_ci([set_stats("bitext", "general")["loss"], set_stats(r["name"], "general")["loss"]],
+                                  lambda a, b: 1 - b / a)
+                cut = _pct(c, cci)
+            else:   # the committed predictions predate per-prompt losses: point value only
+                cut = f"{100 * (1 - deg / ref_deg):.0f}% (no CI)"
+        head.append(f"| {r['name']} | {fmt_delta(gain, d['seen']['delta_ci95'])} | "
+                    f"{fmt_delta(d['unseen']['delta'], d['unseen']['delta_ci95'])} | "
+                    f"{g['loss_before']:.3f} → {g['loss_after']:.3f} ({deg:+.3f}{loss_ci}) | "
+                    f"{fmt_delta(d['general']['delta'], d['general']['delta_ci95'])} | {cut} | {kept} |")
         pts.append((r["name"], gain, deg))
     return head, pts
+
+
+def _pct(v: float, ci: list[float] | None) -> str:
+    return f"{100 * v:.0f}%" + (f" [{100 * ci[0]:.0f}, {100 * ci[1]:.0f}]" if ci else "")
 
 
 def e2e_table(run: dict) -> list[str]:
@@ -63,8 +125,37 @@ def e2e_table(run: dict) -> list[str]:
             f"{lf['before']['bleu-4']:.2f} | {lf['before']['rouge-l']:.2f} |",
             f"| SmolLM2-135M + LoRA (lorafit) | {std['tuned-test']['bleu-4']:.2f} | {std['tuned-test']['rouge-l']:.2f} | "
             f"{lf['after']['bleu-4']:.2f} | {lf['after']['rouge-l']:.2f} |",
+            f"| Δ [95% CI] | {_ci_cell(run['name'], 'test', 'standard', 'bleu-4')} | "
+            f"{_ci_cell(run['name'], 'test', 'standard', 'rouge-l')} | {_ci_cell(run['name'], 'test', 'llamafactory', 'bleu-4')} | "
+            f"{_ci_cell(run['name'], 'test', 'llamafactory', 'rouge-l')} |",
             "| GPT-2 M + LoRA (LoRA paper, Table 3) | 70.4 | 71.8 | | |",
             f"\n{n} meaning representations scored."]
+
+
+def _ci_cell(run: str, name: str, mode: str, key: str) -> str:
+    r = paired_summary(*set_stats(run, name, mode)[key])
+    return fmt_delta(r["delta"], r["delta_ci95"])
+
+
+def general_row(run: str) -> list[str]:
+    """The general set's ROUGE-L change with its interval (llamafactory mode)."""
+    return [f"\n{run}, general set: Δ ROUGE-L {_ci_cell(run, 'general', 'llamafactory', 'rouge-l')} "
+            f"(p = {paired_summary(*set_stats(run, 'general')['rouge-l'])['p_value']:.3f}, paired permutation test)."]
+
+
+def health_table(names: list[str]) -> list[str]:
+    """Generation health of the committed predictions (no_eos needs generation-time data: not in these files)."""
+    from lorafit.evaluate.predictions import health_file
+
+    fields = ("repetition", "empty", "template_leak", "language_mismatch", "length_ratio")
+    out = ["| run | set | model | " + " | ".join(fields) + " |", "|---|---|---|" + "---:|" * len(fields)]
+    for run in names:
+        for f in sorted((RUNS / run / "eval").glob("predictions-base-*.jsonl")):
+            name = f.name[len("predictions-base-"):-len(".jsonl")]
+            for w in ("base", "tuned"):
+                h = health_file(RUNS / run / "eval" / f"predictions-{w}-{name}.jsonl")
+                out.append(f"| {run} | {name} | {w} | " + " | ".join(f"{h[k]:.2f}" for k in fields) + " |")
+    return out
 
 
 def diagnosis_table(runs: dict, names: list[str]) -> list[str]:
@@ -118,7 +209,7 @@ def main() -> None:
     if "bitext" in runs:
         lines += ["\n### Bitext (English customer support)", *writeup_table(runs["bitext"], ["seen", "unseen"])]
     if "huatuo" in runs:
-        lines += ["\n### Huatuo (Chinese medical QA)", *writeup_table(runs["huatuo"], ["heldout"])]
+        lines += ["\n### Huatuo (Chinese medical QA)", *writeup_table(runs["huatuo"], ["heldout"]), *general_row("huatuo")]
     bitext_runs = [r for n, r in runs.items() if n.startswith("bitext") and r.get("metrics_llamafactory")]
     if bitext_runs:
         t, pts = forgetting_table(bitext_runs)
@@ -127,6 +218,9 @@ def main() -> None:
         plot(pts, Path(a.plot))
     if "e2e" in runs:
         lines += ["\n### E2E NLG\n", *e2e_table(runs["e2e"])]
+    health_runs = [n for n in ("bitext", "bitext-mix10", "huatuo") if n in runs]
+    if health_runs:
+        lines += ["\n### Generation health\n", *health_table(health_runs)]
     diag = [n for n in runs if n.startswith("diag-")]
     if diag:
         lines += ["\n### Diagnosis runs\n", *diagnosis_table(runs, diag)]
