@@ -85,6 +85,7 @@ def evaluate(run: str | Path, *, checkpoints: bool = False, select: bool = False
 
     ``checkpoints``: evaluate every kept checkpoint and the best/final adapters instead (eval/checkpoints.*);
     ``select``: pick one within the forgetting budget and export RUN/selected-adapter/. Both return that table."""
+    _counts(**{f"--{k.replace('_', '-')}": kwargs.get(k) for k in ("max_new_tokens", "batch_size", "max_samples")})
     if checkpoints or select:
         from .evaluate import checkpoints_and_select
         from .report import plot_checkpoints
@@ -96,7 +97,6 @@ def evaluate(run: str | Path, *, checkpoints: bool = False, select: bool = False
     from .evaluate import evaluate_run
     from .model import check_adapter
 
-    _counts(**{f"--{k.replace('_', '-')}": kwargs.get(k) for k in ("max_new_tokens", "batch_size", "max_samples")})
     check_adapter(_run_dir(run) / "adapter", "evaluate")  # before minutes of loading and generating with the base
     return evaluate_run(_run_dir(run), **kwargs)
 
