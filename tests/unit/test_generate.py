@@ -83,7 +83,8 @@ def test_evaluate_run_writes_predictions_and_metrics(fake_run, tok):
     assert metrics["mode"] == "llamafactory"
     assert list(metrics["sets"]) == ["val", "dom", "general"]
     for name, s in metrics["sets"].items():
-        assert set(s) == {"lang", "n", "before", "after", "delta", "loss_before", "loss_after"}
+        assert set(s) == {"lang", "n", "before", "after", "delta", "delta_ci95", "p_value", "loss_before", "loss_after",
+                          "loss_delta", "loss_delta_ci95", "loss_p_value", "health", "flips"}
         assert s["lang"] == ("zh" if name == "dom" else "en")  # dom's one Chinese answer is enough
         for part in ("before", "after", "delta"):
             assert set(s[part]) == set(KEYS)
@@ -93,7 +94,8 @@ def test_evaluate_run_writes_predictions_and_metrics(fake_run, tok):
         for model in ("base", "tuned"):
             rows = [json.loads(x) for x in (run / "eval" / f"predictions-{model}-{name}.jsonl").read_text().splitlines()]
             assert len(rows) == s["n"]
-            assert all(set(r) == {"prompt", "predict", "label"} and r["prompt"].endswith("assistant\n") for r in rows)
+            assert all(set(r) == {"prompt", "predict", "label", "no_eos", "loss_sum", "loss_tokens"}
+                       and r["prompt"].endswith("assistant\n") for r in rows)
     assert metrics["sets"]["dom"]["n"] == 3  # the two references of one prompt were grouped
     dom_rows = [json.loads(x) for x in (run / "eval" / "predictions-base-dom.jsonl").read_text().splitlines()]
     assert dom_rows[0]["label"] == ["The Eagle serves Chinese food.", "The Eagle is a Chinese restaurant."]
