@@ -405,11 +405,15 @@ def test_llamafactory_yaml_strings_read_as_numbers(tmp_path):
 def test_report_on_a_llamafactory_folder(tmp_path, capsys):
     folder, launch, _, _ = _lf_run(tmp_path)
     (folder / "training_args.yaml").write_text(launch.read_text())   # LLaMA Board saves it there
+    sets = {"faq": {"lang": "en", "n": 3, "before": {"rouge-l": 10.0}, "after": {"rouge-l": 30.0},
+                    "delta": {"rouge-l": 20.0}, "loss_before": 2.0, "loss_after": 1.5}}
+    write_json(folder / "eval" / "metrics.json", {"mode": "llamafactory", "sets": sets})   # `lorafit eval --out FOLDER/eval`
     rc, out, _ = cli(capsys, "report", folder)
     assert rc == 0
     md = (folder / "report.md").read_text()
     assert "overfitting" in md and "Verdict:" in md and (folder / "loss.png").is_file()
     assert "llamafactory" in md   # the config section says where the settings came from
+    assert "Evaluation metrics" in md and "| faq |" in md
     with pytest.raises(RunError):
         diagnose_run(tmp_path / "missing")
     assert format_findings(diagnose_run(folder)).startswith("Diagnosis:")
