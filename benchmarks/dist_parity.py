@@ -85,7 +85,9 @@ def main() -> None:
     t0 = time.perf_counter()
     runs = {"one": run_train(cfg, "one", out, 1)}
     for s in args.strategies.split(","):
-        runs[f"{s}-{args.nproc}"] = run_train({**cfg, "distributed": s}, f"{s}-{args.nproc}", out, args.nproc)
+        # batch_size is per device: N processes with 1/N of the accumulation keep the global batch
+        runs[f"{s}-{args.nproc}"] = run_train({**cfg, "distributed": s, "gradient_accumulation_steps": 1},
+                                              f"{s}-{args.nproc}", out, args.nproc)
     ref = runs["one"].get("losses")
     result = {"config": cfg, "target_max_rel_diff": TARGET, "total_s": time.perf_counter() - t0,
               "runs": {k: {kk: vv for kk, vv in v.items() if kk != "losses"} for k, v in runs.items()},

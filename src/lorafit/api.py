@@ -23,19 +23,21 @@ def _config(config: TrainConfig | str | Path | dict, overrides: list[str] | dict
 
         overrides = dict(parse_override(o) for o in overrides)
     if isinstance(config, TrainConfig):
-        config = {k: v for k, v in config.to_dict().items() if k not in ("effective_warmup_steps", "total_steps")}
+        from .config import FIELDS
+
+        config = {k: v for k, v in config.to_dict().items() if not FIELDS[k].metadata.get("resolved")}
     if isinstance(config, dict):
         return load_config(None, {**config, **(overrides or {})})
     return load_config(config, overrides)
 
 
 def train(config: TrainConfig | str | Path | dict, overrides: list[str] | dict | None = None, *,
-          progress: bool = True, plot: bool = True) -> Any:
+          progress: bool = True, plot: bool = True, config_path: str | Path | None = None) -> Any:
     """Train (or resume) a run, then draw its loss curves with the diagnosis marked."""
     from .training import train as _train
 
     cfg = _config(config, overrides)
-    result = _train(cfg, progress=progress)
+    result = _train(cfg, progress=progress, config_path=config_path or (config if isinstance(config, (str, Path)) else None))
     from .training.dist import is_main
 
     if plot and is_main():

@@ -20,7 +20,9 @@ def _parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train (or resume) a LoRA adapter", formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="lorafit train CONFIG.yaml [--key=value ...]\n\nconfig keys:\n" + config_help())
     t.add_argument("config", help="YAML config file")
-    t.add_argument("--nproc", type=int, default=None, help="launch on N processes/GPUs through torchrun")
+    t.add_argument("--nproc", type=int, default=None,
+                   help="launch on N processes/GPUs through torchrun; batch_size is per process, so the global batch "
+                        "is batch_size x gradient_accumulation_steps x N (as in HF Trainer and LLaMA-Factory)")
     t.add_argument("--no-progress", action="store_true")
 
     g = sub.add_parser("generate", help="greedy answer of a run's tuned model to one prompt")
@@ -93,11 +95,25 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _torchrun(n: int, argv: list[str]) -> int:
-    import subprocess
+    """Run `lorafit train` on n processes through torchrun's launcher, in this process.
+
+    Each worker prints its own error only on rank 0 (`main`), and the launcher's failure report (one
+    traceback per rank) is caught here: a config or data error is one line and exit status 2; any
+    other worker failure (a crash, the dist_timeout watchdog) is exit status 1.
+    """
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
 
     rest = [a for i, a in enumerate(argv) if not a.startswith("--nproc") and not (i > 0 and argv[i - 1] == "--nproc")]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", "-m", "lorafit", *rest]
-    return subprocess.call(cmd)
+    args = get_args_parser().parse_args(["--standalone", f"--nproc_per_node={n}", "--module", "lorafit", *rest])
+    for name in ("torch.distributed.elastic", "torch.distributed.run", "torch.distributed.launcher"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    try:
+        run(args)
+    except ChildFailedError as e:
+        codes = {f.exitcode for f in e.failures.values()}
+        return 2 if 2 in codes else 1
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run(args, extra, argv)
     except LorafitError as e:
-        print(f"lorafit: error: {e}", file=sys.stderr)
+        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank fails alike: say it once
+            print(f"lorafit: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
@@ -127,9 +144,13 @@ def _run(args: argparse.Namespace, extra: list[str], argv: list[str]) -> int:
         from .config import load_config
 
         cfg = load_config(args.config, extra)  # validate before anything is launched or loaded
+        if args.nproc is not None and args.nproc < 1:
+            from .errors import ConfigError
+
+            raise ConfigError(f"must be a number of processes >= 1, got {args.nproc}", field="--nproc")
         if args.nproc and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
             return _torchrun(args.nproc, argv)
-        res = api.train(cfg, progress=not args.no_progress)
+        res = api.train(cfg, progress=not args.no_progress, config_path=args.config)
         print(f"run folder: {res.run_dir}\n  adapter: {res.run_dir / 'adapter'}\n  log: {res.run_dir / 'log.jsonl'}"
               f"\n  loss curves: {res.run_dir / 'loss.png'}")
     elif args.cmd == "generate":

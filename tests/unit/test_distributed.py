@@ -37,7 +37,7 @@ def _run(args, nproc=None):
 @pytest.mark.slow
 def test_ddp_two_processes_match_one(tmp_path, tiny_model_dir):
     one = _cfg(tmp_path, tiny_model_dir, "one")
-    two = _cfg(tmp_path, tiny_model_dir, "two")
+    two = _cfg(tmp_path, tiny_model_dir, "two", gradient_accumulation_steps=1)  # per device: 2 x 1 x 2 = 4
     _run([str(one)])
     _run([str(two)], nproc=2)
     wa = load_file(str(tmp_path / "one" / "adapter" / "adapter_model.safetensors"))
@@ -61,7 +61,7 @@ def test_killed_two_process_run_resumes_on_one(tmp_path, tiny_model_dir):
     import psutil
 
     ref = _cfg(tmp_path, tiny_model_dir, "ref", max_steps=16)
-    cut = _cfg(tmp_path, tiny_model_dir, "cut", max_steps=16)
+    cut = _cfg(tmp_path, tiny_model_dir, "cut", max_steps=16, gradient_accumulation_steps=1)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     p = subprocess.Popen([sys.executable, "-m", "lorafit", "train", str(cut), "--no-progress", "--nproc=2"],
                          env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -79,7 +79,7 @@ def test_killed_two_process_run_resumes_on_one(tmp_path, tiny_model_dir):
             pass
     p.wait()
     assert not (tmp_path / "cut" / "adapter").exists(), "run finished before it could be killed"
-    _run([str(cut)])  # same command, one process: resumes from the last checkpoint
+    _run([str(cut), "--gradient_accumulation_steps=2"])  # one process, the same global batch: resumes
     _run([str(ref)])
     recs = [json.loads(l) for l in (tmp_path / "cut" / "log.jsonl").read_text().splitlines()]
     assert any(r.get("event") == "resume" for r in recs)
@@ -109,7 +109,7 @@ def test_fsdp_two_processes_match_one(tmp_path, tiny_model_dir):
     # l2_penalty: its gradient is added once to the reduced (sharded) grads.
     kw = dict(eval_batch_size=5, early_stopping_patience=3, l2_penalty=0.01)
     one = _cfg(tmp_path, tiny_model_dir, "one", **kw)
-    two = _cfg(tmp_path, tiny_model_dir, "fsdp", distributed="fsdp", **kw)
+    two = _cfg(tmp_path, tiny_model_dir, "fsdp", distributed="fsdp", gradient_accumulation_steps=1, **kw)
     _run([str(one)])
     _run([str(two)], nproc=2)
     _same_adapter(tmp_path / "one", tmp_path / "fsdp")
@@ -138,7 +138,7 @@ def test_checkpoints_move_between_fsdp_and_one_process(tmp_path, tiny_model_dir)
     ref = _cfg(tmp_path, tiny_model_dir, "ref", **kw)
     _run([str(ref)])
     _continue_from(tmp_path / "ref", 2, tmp_path / "mid")
-    _run([str(_cfg(tmp_path, tiny_model_dir, "mid", distributed="fsdp", **kw))], nproc=2)
+    _run([str(_cfg(tmp_path, tiny_model_dir, "mid", distributed="fsdp", gradient_accumulation_steps=1, **kw))], nproc=2)
     _same_adapter(tmp_path / "ref", tmp_path / "mid")
     _continue_from(tmp_path / "mid", 6, tmp_path / "end")  # step-6 written by the FSDP ranks
     _run([str(_cfg(tmp_path, tiny_model_dir, "end", **kw))])
@@ -207,7 +207,7 @@ def test_ddp_with_fused_kernels_matches_one_process(tmp_path, tiny_model_dir):
     # The fused loss runs the decoder itself; it must still go through DDP's forward, or the
     # gradients of the two processes are never averaged.
     one = _cfg(tmp_path, tiny_model_dir, "one", fused_kernels=True)
-    two = _cfg(tmp_path, tiny_model_dir, "two", fused_kernels=True)
+    two = _cfg(tmp_path, tiny_model_dir, "two", fused_kernels=True, gradient_accumulation_steps=1)
     _run([str(one)])
     _run([str(two)], nproc=2)
     wa = load_file(str(tmp_path / "one" / "adapter" / "adapter_model.safetensors"))

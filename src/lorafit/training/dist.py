@@ -13,8 +13,12 @@ write.
 from __future__ import annotations
 
 import os
+import sys
+import threading
+import time
 from contextlib import contextmanager, nullcontext
-from typing import Any, ContextManager, Iterator
+from datetime import timedelta
+from typing import Any, Callable, ContextManager, Iterator
 
 import torch
 import torch.distributed as dist
@@ -31,9 +35,61 @@ def world() -> tuple[int, int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def init(device: torch.device) -> None:
+def init(device: torch.device, timeout_s: float = 600.0) -> None:
+    """Join the process group. torch's own collective timeout is a backstop set past `timeout_s`, so the
+    `Watchdog` (which names the phase) fires first."""
     if world()[2] > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=timedelta(seconds=timeout_s + 60))
+
+
+class Watchdog:
+    """Stops a run whose process waits in one phase longer than `timeout_s`, instead of hanging forever.
+
+    Every unit of work that contains a collective (a micro-batch's forward and backward, an evaluation
+    batch, an all-reduce, a checkpoint) runs inside `phase(name)`. A daemon thread checks the clock; when
+    a phase has lasted too long it prints one line naming the phase, runs the cleanup callbacks (the run
+    folder's lock) and ends the process with status 1, before anything partial is written. Collective
+    waits release the GIL (`all_sum` synchronises the stream explicitly for NCCL), so the thread runs.
+    With one process nothing can hang on a peer and the watchdog is never armed.
+    """
+
+    def __init__(self, timeout_s: float, on_fire: Callable[[], None] | None = None) -> None:
+        self.timeout_s = timeout_s
+        self.on_fire = on_fire
+        self._phase: str | None = None
+        self._since = 0.0
+        self._armed = world()[2] > 1
+        if self._armed:
+            threading.Thread(target=self._watch, name="lorafit-watchdog", daemon=True).start()
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        outer, since = self._phase, self._since
+        self._phase, self._since = name, time.monotonic()
+        try:
+            yield
+        finally:
+            self._phase, self._since = outer, since if outer is None else time.monotonic()
+
+    def _watch(self) -> None:
+        tick = min(1.0, max(self.timeout_s / 20, 0.05))
+        while True:
+            time.sleep(tick)
+            phase, since = self._phase, self._since
+            if phase is not None and time.monotonic() - since > self.timeout_s:
+                self.fire(phase)
+
+    def fire(self, phase: str) -> None:
+        rank = world()[0]
+        print(f"lorafit: error: rank {rank} waited more than {self.timeout_s:g} s in {phase} (dist_timeout): "
+              "another process stopped, crashed or took a different branch; no adapter was saved from this "
+              "point", file=sys.stderr, flush=True)
+        try:
+            if self.on_fire is not None:
+                self.on_fire()
+        finally:
+            os._exit(1)
 
 
 def is_main() -> bool:
@@ -45,6 +101,8 @@ def all_sum(values: list[float], device: torch.device) -> list[float]:
         return values
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
+    if t.is_cuda:  # wait with the GIL released (the watchdog thread must be able to run), then read
+        torch.cuda.current_stream(t.device).synchronize()
     return t.tolist()
 
 
