@@ -6,6 +6,7 @@ from __future__ import annotations
 import builtins
 import json
 import struct
+import time
 
 import pytest
 
@@ -62,15 +63,24 @@ def test_wandb_offline_run_folder(tmp_path, monkeypatch):
     _feed(["wandb"], tmp_path)
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1, list((tmp_path / "wandb").iterdir())
-    history = {}
-    for data in _wandb_records((next(runs[0].glob("*.wandb"))).read_bytes()):
-        from wandb.proto import wandb_internal_pb2
+    from wandb.proto import wandb_internal_pb2
 
-        rec = wandb_internal_pb2.Record()
-        rec.ParseFromString(data)
-        if rec.WhichOneof("record_type") == "history":
-            row = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.history.item}
-            history[row["_step"]] = row
+    # wandb-core, a separate process, may still be flushing the transaction log when finish() returns:
+    # read until its `exit` record is there.
+    deadline = time.monotonic() + 30
+    while True:
+        history, done = {}, False
+        for data in _wandb_records(next(runs[0].glob("*.wandb")).read_bytes()):
+            rec = wandb_internal_pb2.Record()
+            rec.ParseFromString(data)
+            kind = rec.WhichOneof("record_type")
+            done |= kind == "exit"
+            if kind == "history":
+                row = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.history.item}
+                history[row["_step"]] = row
+        if done or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     assert sorted(history) == [0, 10, 20]
     assert history[10]["train/loss"] == 2.0 and history[20]["train/loss"] == 1.5 and history[20]["train/lr"] == 5e-5
     assert history[0]["eval/faq/loss"] == 2.5 and history[20]["eval/general/loss"] == 2.1
@@ -91,6 +101,8 @@ def _wandb_records(data: bytes):
         if kind == 0 and n == 0:   # zero padding to the end of the block
             pos += left - 7
             continue
+        if pos + n > len(data):   # a chunk still being written
+            return
         buf += data[pos:pos + n]
         pos += n
         if kind in (1, 4):   # FULL or LAST chunk
