@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from .errors import ConfigError, LorafitError, RunError
+from .safeyaml import short
 
 
 def builtin_model_path() -> str | None:
@@ -157,14 +158,23 @@ def apply_lora(model: torch.nn.Module, cfg: Any) -> Any:
     if isinstance(hidden, int) and cfg.lora_rank > hidden:
         raise ConfigError(f"is {cfg.lora_rank}, larger than the model's hidden size {hidden}: a rank above it "
                           "adds parameters, not capacity", field="lora_rank")
+    linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+
+    def unknown(target: Any) -> ConfigError:
+        return ConfigError(f"no module of the model matches {short(target)}; its linear layers are "
+                           f"{', '.join(linear)} (or use 'all-linear')", field="target_modules")
+
+    if isinstance(cfg.target_modules, list):  # PEFT adapts the names that match and ignores the rest:
+        names = [n for n, _ in model.named_modules()]  # a typo would silently adapt fewer layers
+        for t in cfg.target_modules:
+            if not any(n == t or n.endswith("." + t) for n in names):
+                raise unknown(t)
     try:
         return get_peft_model(model, lora_config(cfg))
-    except ValueError as e:
+    except ValueError as e:  # a string (PEFT's regex form) that matches nothing
         if "target" not in str(e).lower():
             raise
-        names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
-        raise ConfigError(f"no module of the model matches {cfg.target_modules!r}; its linear layers are "
-                          f"{', '.join(names)} (or use 'all-linear')", field="target_modules") from None
+        raise unknown(cfg.target_modules) from None
 
 
 def check_adapter(adapter_dir: str | Path, purpose: str = "use") -> None:

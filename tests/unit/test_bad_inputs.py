@@ -64,6 +64,9 @@ DATA_CASES = [
     ("messages_missing_content.jsonl", 1, "messages[1].content", "missing field"),
     ("text_no_assistant.jsonl", 1, "text", "'### Human: question ### Assistant: answer'"),
     ("data.txt", None, None, "unknown file type '.txt'"),
+    ("one_line_array_bad_record.json", 1, "output", "expected a string, got list (record 4 of the array)"),
+    ("array_missing_comma.json", 3, None, "expected ',' or ']' after the record (record 1 of the array)"),
+    ("array_trailing_data.json", 4, None, "extra data after the closing ']'"),
 ]
 
 # (LLaMA-Factory dataset name in dataset_info/dataset_info.json, file reported, field, fragment)
@@ -103,6 +106,22 @@ CONFIG_CASES = [
     ("val_size_too_big", None, None, "val_size", "leaves no training examples"),
     ("missing_model", "./no-such-model", None, "model", "model path not found"),
     ("model_not_hf_folder", "data", None, "model", "folder has no config.json"),
+    ("seed_huge", "configs/seed_huge.yaml", 4, None, "integer of 5,000 digits is out of range"),
+    ("val_size_nan", "configs/val_size_nan.yaml", 4, "val_size", "must be a finite number, got nan"),
+    ("num_epochs_inf", "configs/num_epochs_inf.yaml", 4, "num_epochs", "must be a finite number, got inf"),
+    ("adam_beta1_two", "configs/adam_beta1_two.yaml", 4, "adam_beta1", "must be in [0, 1), got 2.0"),
+    ("adam_eps_negative", "configs/adam_eps_negative.yaml", 4, "adam_eps", "must be > 0, got -1e-08"),
+    ("lora_rank_huge", "configs/lora_rank_huge.yaml", 4, "lora_rank", "must be in [1, 16384], got 1000000000"),
+    ("max_grad_norm_nan", "configs/max_grad_norm_nan.yaml", 4, "max_grad_norm", "must be a finite number, got nan"),
+    ("max_samples_negative", "configs/max_samples_negative.yaml", 4, "max_samples", "must be >= 1, got -5"),
+    ("dist_timeout_zero", "configs/dist_timeout_zero.yaml", 4, "dist_timeout", "must be in (0, 31536000], got 0.0"),
+    ("report_to_unknown", "configs/report_to_unknown.yaml", 4, "report_to", "unknown 'neptune'"),
+    ("forgetting_budget_negative", "configs/forgetting_budget_negative.yaml", 4, "forgetting_budget",
+     "must be >= 0, got -0.1"),
+    ("duplicate_key", "configs/duplicate_key.yaml", 6, "lora_rank", "duplicate key (lines 4 and 6)"),
+    ("general_data_folder", "data", None, None, "is a folder; expected a data file"),
+    ("deep_nesting", "configs/deep_nesting.yaml", None, None, "invalid YAML: nested too deeply"),
+    ("alias_bomb", "configs/alias_bomb.yaml", None, None, "YAML expands to more than 100,000 values"),
 ]
 
 # (predictions file under predictions/, line, field, fragment) for `lorafit score`
@@ -116,6 +135,8 @@ PREDICTION_CASES = [
     ("array_line.jsonl", 1, None, "expected a JSON object, got list"),
     ("empty.jsonl", None, None, "no predictions"),
     ("latin1.jsonl", 2, None, "not valid UTF-8"),
+    ("deep_nesting.jsonl", 2, None, "invalid JSON (nested too deeply)"),
+    ("huge_number.jsonl", 2, None, "invalid JSON (Exceeds the limit (4300 digits)"),
 ]
 
 
@@ -149,11 +170,14 @@ def _train(capsys, config: Path, *extra: str) -> str:
     return _error_line(rc, capsys.readouterr().err)
 
 
-def test_corpus_has_at_least_30_bad_inputs():
-    files = [p for d in ("data", "configs", "predictions") for p in (BAD / d).iterdir()]
-    assert len(files) >= 30
+def test_corpus_has_a_case_for_every_file():
+    from tests.unit.test_bad_commands import CORPUS_USED
+
+    files = [p for d in ("data", "configs", "predictions", "models", "adapters", "blind", "runs")
+             for p in (BAD / d).iterdir()]
+    assert len(files) >= 100
     listed = ({c[0] for c in DATA_CASES} | {c[0] + ".yaml" for c in CONFIG_CASES} | {"output_under_file.yaml"}
-              | {c[0] for c in PREDICTION_CASES})
+              | {c[0] for c in PREDICTION_CASES} | CORPUS_USED)
     unlisted = {p.name for p in files} - listed
     assert not unlisted, f"corpus files without a test case: {sorted(unlisted)}"
 
