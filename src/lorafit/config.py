@@ -232,7 +232,7 @@ def _out_of_range(name: str, value: Any) -> str | None:
         if hi_s == "inf":
             return f"must be {'>' if lo_open else '>='} {lo_s}, got {short(value)}" + _OR.get(name, "")
         return f"must be in {RANGES[name]}, got {short(value)}"
-    if value > hi or (hi_open and value == hi):
+    if value > hi or (hi_open and value == hi and hi_s != "inf"):  # "inf)" of an int: INT_MAX itself is valid
         if hi_s == "inf":
             return f"must be at most {hi:,}, got {short(value)}"
         return f"must be in {RANGES[name]}, got {short(value)}"
