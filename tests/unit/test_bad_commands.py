@@ -220,6 +220,12 @@ def test_results_plot_with_mathtext_in_file_names(capsys, study, tmp_path):
     assert r.status_code == 200 and r.content[:4] == b"\x89PNG"
 
 
+def test_results_plot_unwritable(capsys, study):
+    db, _ = study
+    out = str(BAD / "good.json" / "plot.png")
+    _check(_cli(capsys, "blind", "results", db, "--plot", out), out, None, "--plot", "cannot write the plot")
+
+
 def test_server_error_keeps_security_headers(study, monkeypatch):
     from lorafit.blind import make_app
 

@@ -218,4 +218,9 @@ def results_plot(res: dict[str, Any], path: str | Path | IO[bytes]) -> None:
     fig.suptitle(f"Human blind test: {s['ratings']} ratings, {s['items_rated']} items, {s['raters']} raters",
                  fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, format="png")
+    try:
+        fig.savefig(path, format="png")
+    except OSError as e:  # a folder that does not exist, a read-only mount, a full disk: one line
+        from ..errors import LorafitError
+
+        raise LorafitError(f"cannot write the plot ({e.strerror or e})", file=str(path), field="--plot") from None
