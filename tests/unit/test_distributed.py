@@ -128,7 +128,8 @@ def _continue_from(src, step, dst):
     """A run folder holding `src`'s log and its checkpoint `step` only: a run interrupted there."""
     (dst / "checkpoints").mkdir(parents=True)
     shutil.copytree(src / "checkpoints" / f"step-{step}", dst / "checkpoints" / f"step-{step}")
-    shutil.copy(src / "log.jsonl", dst / "log.jsonl")
+    for name in ("log.jsonl", "config.yaml", ".lorafit-run"):  # what an interrupted run's folder holds
+        shutil.copy(src / name, dst / name)
 
 
 @pytest.mark.slow

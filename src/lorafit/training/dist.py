@@ -106,6 +106,15 @@ def all_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
+def all_sum_tensor(t: torch.Tensor) -> list[float]:
+    """Sum a small tensor over the ranks and read it (the caller's one host sync)."""
+    if world()[2] > 1:
+        dist.all_reduce(t)
+    if t.is_cuda:  # wait with the GIL released (the watchdog thread must be able to run), then read
+        torch.cuda.current_stream(t.device).synchronize()
+    return t.tolist()
+
+
 def average_gradients(params: list[torch.Tensor]) -> None:
     """Average the gradients over the ranks with one all-reduce of a flat buffer.
 
@@ -161,7 +170,9 @@ def wrap(model: torch.nn.Module, strategy: str, device: torch.device) -> torch.n
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     ids = [device.index] if device.type == "cuda" else None
-    return DDP(model.to(device), device_ids=ids)
+    # broadcast_buffers=False: the only buffers (rotary frequencies) are computed alike on every rank, and
+    # broadcasting them made every forward a collective; bucket views save a gradient copy per step.
+    return DDP(model.to(device), device_ids=ids, broadcast_buffers=False, gradient_as_bucket_view=True)
 
 
 def _fully_shard(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:

@@ -198,8 +198,11 @@ class Trainer:
             self.model = dist.wrap(model, self.strategy, device)  # before the optimizer: FSDP replaces parameters
         self.sharded = dist.is_sharded(self.model)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        # On GPUs the fused AdamW (one kernel for every tensor, as HF's adamw_torch_fused): the step's host cost
+        # is fixed per optimizer step, so it weighs most where each process has little work (several GPUs).
+        fused = device.type == "cuda" and not self.sharded
         self.opt = torch.optim.AdamW(self.params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                     eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+                                     eps=cfg.adam_eps, weight_decay=cfg.weight_decay, fused=fused or None)
 
     # --- resume or start
     def resume(self) -> Path | None:
@@ -285,7 +288,7 @@ class Trainer:
         window = range(step * plan.micro_batches_per_step, (step + 1) * plan.micro_batches_per_step)
         denom = sum(self.stream.n_supervised(k) for k in window)
         mine = list(window)[rank::ws]
-        local_loss, tokens = 0.0, 0
+        local_loss, tokens = torch.zeros((), dtype=torch.float64, device=self.device), 0
         with self.watchdog.phase(f"training step {step + 1}"):
             for j, k in enumerate(mine):
                 batch = self.stream.batch(k)
@@ -297,7 +300,7 @@ class Trainer:
                 with dist.no_sync(self.model, last=j == len(mine) - 1):
                     lsum, _ = loss_sum(self.model, batch, self.device, cfg.fused_kernels)
                     (lsum * (ws / max(denom, 1))).backward()
-                local_loss += lsum.detach().item()
+                local_loss += lsum.detach()  # no host sync per micro-batch: read once per step, below
                 tokens += batch_tokens(batch)
             if cfg.l2_penalty:
                 # Classic L2, a penalty l2_penalty * sum(w^2) in the loss (unlike AdamW's decoupled decay),
@@ -307,12 +310,15 @@ class Trainer:
                     with_grad = [p for p in self.params if p.grad is not None]
                     torch._foreach_add_([p.grad for p in with_grad], [p.detach() for p in with_grad],
                                         alpha=2 * cfg.l2_penalty)
-            gnorm = dist.as_float(torch.nn.utils.clip_grad_norm_(
-                self.params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")))
-            # One all-reduce carries the loss, the tokens and every rank's verdict on its gradient norm, so a
-            # NaN on one rank only sends every rank down the same branch.
-            loss_total, tokens_total, bad = dist.all_sum([local_loss, float(tokens), 0.0 if math.isfinite(gnorm) else 1.0],
-                                                         self.device)
+            norm = dist.full_tensor(torch.nn.utils.clip_grad_norm_(
+                self.params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))).detach()
+            # One all-reduce (and the step's one host sync) carries the loss, the tokens, every rank's verdict on
+            # its gradient norm and the norm itself (the same on every rank), so a NaN on one rank only sends
+            # every rank down the same branch.
+            packed = torch.stack([local_loss, torch.tensor(float(tokens), dtype=torch.float64, device=self.device),
+                                  (~torch.isfinite(norm)).to(torch.float64), torch.nan_to_num(norm.to(torch.float64))])
+            loss_total, tokens_total, bad, gnorm_sum = dist.all_sum_tensor(packed)
+            gnorm = gnorm_sum / ws if not bad else float("nan")
         step_loss = loss_total / max(denom, 1)
         if not math.isfinite(step_loss) or bad:
             self.opt.zero_grad(set_to_none=True)
