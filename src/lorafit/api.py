@@ -93,6 +93,12 @@ def evaluate(run: str | Path, *, checkpoints: bool = False, select: bool = False
         from .report import plot_checkpoints
 
         kwargs.pop("flips", None)
+        kwargs.pop("shots", None)
+        if kwargs.pop("benchmarks", None):
+            from .errors import ConfigError
+
+            raise ConfigError("benchmarks are scored by a plain `lorafit eval RUN`, not per checkpoint",
+                              field="--benchmarks")
         table = checkpoints_and_select(_run_dir(run), evaluate=checkpoints, choose=select, **kwargs)
         plot_checkpoints(run)
         return table
@@ -137,6 +143,9 @@ def report(run: str | Path, *, study: str | Path | None = None) -> tuple[Path, P
         study_res = results(study)
     if not Path(run).is_dir():   # a lorafit run folder, or another tool's output folder (diagnose reads both)
         raise RunError("not a folder: pass a run folder or a LLaMA-Factory / HF Trainer output folder", file=str(run))
+    from .diagnose.sources import load_source
+
+    load_source(run)  # the same checks as `diagnose`: an empty, binary or foreign-less log is exit 2, not a report
     return write_report(Path(run), study=study_res)
 
 

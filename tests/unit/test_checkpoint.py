@@ -207,7 +207,9 @@ def _assert_same_run(run: Path, ref: Path) -> None:
     assert _records(run) == _records(ref)
     a, b = _adapter(run), _adapter(ref)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # CPU: bit-identical
-    assert not [p.name for p in run.iterdir() if p.name.startswith(".")]
+    from lorafit.rundir import MARKER
+
+    assert not [p.name for p in run.iterdir() if p.name.startswith(".") and p.name != MARKER]  # no temporary, no lock
 
 
 def test_resume_skips_damaged_checkpoint_and_matches_uninterrupted(tiny_model_dir, reference, tmp_path,
