@@ -139,3 +139,25 @@ def test_a_missing_library_names_report_to_and_the_extra(tmp_path, monkeypatch, 
     assert e.value.field == "report_to" and f"lorafit[{name}]" in str(e.value)
     with pytest.raises(ConfigError):
         Trackers.open(["neptune"], tmp_path, CONFIG)
+
+
+def test_lorafit_train_mirrors_its_log_to_tensorboard(tmp_path, tiny_model_dir):
+    """`report_to: [tensorboard]` in a real run: TensorBoard holds exactly log.jsonl's losses."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from lorafit.config import load_config
+    from lorafit.demoset import write_demo_data
+    from lorafit.training import loop
+
+    train, val = write_demo_data(tmp_path / "data")
+    out = tmp_path / "run"
+    loop.train(load_config(None, {"model": tiny_model_dir, "data": [str(train)], "val_data": {"faq": str(val)},
+                                  "output_dir": str(out), "max_steps": 4, "max_length": 64, "logging_steps": 2,
+                                  "eval_steps": 2, "device": "cpu", "report_to": ["tensorboard"]}), progress=False)
+    recs = [json.loads(ln) for ln in (out / "log.jsonl").read_text().splitlines()]
+    acc = EventAccumulator(str(out / "tb"))
+    acc.Reload()
+    assert [(e.step, round(e.value, 5)) for e in acc.Scalars("train/loss")] == \
+        [(r["step"], round(r["loss"], 5)) for r in recs if r["type"] == "train"]
+    assert [e.step for e in acc.Scalars("eval/faq/loss")] == [r["step"] for r in recs if r["type"] == "eval"]
