@@ -53,6 +53,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="evaluate every kept checkpoint and the best/final adapters (eval/checkpoints.json, .md, .png)")
     e.add_argument("--select", action="store_true", help="pick the best checkpoint within forgetting_budget and "
                    "export RUN/selected-adapter/ (reuses eval/checkpoints.json unless --checkpoints)")
+    e.add_argument("--benchmarks", default=None, metavar="PATH,...", help="multiple-choice benchmark folders "
+                   "(MMLU/CMMLU layout) scored before vs after (default: the config's benchmarks)")
+    e.add_argument("--shots", default="0", metavar="K,...", help="exemplars per benchmark prompt, e.g. 0,5 (default 0)")
 
     s = sub.add_parser("score", help="score a predictions file (prompt/predict/label JSON lines)")
     s.add_argument("predictions")
@@ -170,9 +173,11 @@ def _run(args: argparse.Namespace, extra: list[str], argv: list[str]) -> int:
             from .errors import ConfigError
 
             raise ConfigError(f"must be 0 or more, got {args.flips}", field="--flips")
+        bench = {} if args.benchmarks is None else {"benchmarks": [b for b in args.benchmarks.split(",") if b]}
         api.evaluate(args.run, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                      max_samples=args.max_samples, mode=args.mode, sets=args.sets, device=args.device,
-                     flips=args.flips, checkpoints=args.checkpoints, select=args.select)
+                     flips=args.flips, checkpoints=args.checkpoints, select=args.select,
+                     shots=_shots(args.shots), **bench)
         md = "checkpoints.md" if args.checkpoints or args.select else "metrics.md"
         print((Path(args.run) / "eval" / md).read_text(encoding="utf-8"))
     elif args.cmd == "score":
@@ -202,6 +207,19 @@ def _run(args: argparse.Namespace, extra: list[str], argv: list[str]) -> int:
               f"\n  loss.png     loss curves\n  eval/metrics.md  ROUGE/BLEU before vs after\n  diagnosis.json"
               f"\n  report.html  everything in one page")
     return 0
+
+
+def _shots(text: str) -> list[int]:
+    """--shots 0,5 -> [0, 5]; anything else is one line, exit 2."""
+    try:
+        shots = [int(k) for k in text.split(",")]
+    except ValueError:
+        shots = []
+    if not shots or min(shots) < 0:
+        from .errors import ConfigError
+
+        raise ConfigError(f"expected numbers >= 0 separated by commas (e.g. 0,5), got {text!r}", field="--shots")
+    return shots
 
 
 def _foreign_eval_args(args: argparse.Namespace) -> tuple[str, str, dict[str, str], str]:

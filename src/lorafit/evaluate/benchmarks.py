@@ -25,10 +25,10 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, DataError
-from .metrics import detect_lang
+from .metrics import detect_lang, mean_stats
+from .stats import bootstrap_weights, paired_summary, percentile_ci, resampled
 
 LETTERS = "ABCDEFGHIJ"
-SEED, RESAMPLES = 0, 2000
 
 # lm-eval's cmmlu task names each subject in Chinese in its description (lm_eval/tasks/cmmlu/_generate_configs.py).
 CMMLU_SUBJECTS_ZH = {
@@ -285,30 +285,21 @@ def score_benchmark(model: Any, tok: Any, bench: Benchmark, shots: int, *, batch
 
 # --- accuracy and intervals ---------------------------------------------------------------------------
 
-def bootstrap_ci(values: Sequence[float], *, resamples: int = RESAMPLES, seed: int = SEED) -> list[float]:
-    """Percentile bootstrap 95% interval of a mean over questions (seeded: the same data gives the same
-    interval). Paired deltas pass per-question differences, so both models see the same resamples."""
-    x = np.asarray(values, dtype=float)
-    if len(x) == 0:
-        return [float("nan"), float("nan")]
-    idx = np.random.default_rng(seed).integers(0, len(x), size=(resamples, len(x)))
-    means = x[idx].mean(axis=1)
-    return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
-
-
 def accuracy_summary(correct: dict[str, Sequence[bool]], subjects: Sequence[str]) -> dict[str, Any]:
-    """{"overall": ..., "subjects": {...}}, each with n, per-model accuracy and 95% interval, and the
-    paired tuned-minus-base delta with its interval. ``correct`` maps 'base'/'tuned' to per-question hits."""
+    """``{"overall": ..., "subjects": {...}}``: per block n, each model's accuracy (0-1) with its 95%
+    bootstrap interval over questions, and for base vs tuned the paired delta with ``delta_ci95`` and
+    ``p_value`` (evaluate/stats.py: the same bootstrap and permutation test as every other eval delta)."""
     hits = {m: np.asarray(v, dtype=float) for m, v in correct.items()}
     subj = np.asarray(subjects)
 
     def block(sel: np.ndarray) -> dict[str, Any]:
+        st = {m: mean_stats(h[sel]) for m, h in hits.items()}
+        w = bootstrap_weights(int(sel.sum()))
         row: dict[str, Any] = {"n": int(sel.sum())}
-        for m, h in hits.items():
-            row[m] = {"acc": float(h[sel].mean()), "ci95": bootstrap_ci(h[sel])}
-        if "base" in hits and "tuned" in hits:
-            d = hits["tuned"][sel] - hits["base"][sel]
-            row["delta"] = {"acc": float(d.mean()), "ci95": bootstrap_ci(d)}
+        for m, x in st.items():
+            row[m], row[f"{m}_ci95"] = x.point, percentile_ci(resampled(x, w))
+        if "base" in st and "tuned" in st:
+            row.update(paired_summary(st["base"], st["tuned"]))
         return row
 
     return {"overall": block(np.ones(len(subj), dtype=bool)),
@@ -367,23 +358,26 @@ def _write_answers(path: Path, bench: Benchmark, preds: dict[str, list[int]], ll
 
 
 def benchmarks_table_md(results: dict[str, Any]) -> str:
-    """Markdown rows of metrics.json's ``benchmarks``: accuracy (%) with 95% intervals, base / tuned / delta."""
+    """Markdown of metrics.json's ``benchmarks``: accuracy (%) with 95% intervals, base / tuned / delta."""
     lines = ["## Standard benchmarks (forgetting)", "",
              "Multiple-choice accuracy (%) by the log-likelihood of the answer letter (lm-eval's MMLU/CMMLU "
-             "prompt); [95% bootstrap interval over questions]; the delta's interval is paired.", "",
-             "| benchmark | shots | n | base | tuned | delta (points) |", "|---|---:|---:|---:|---:|---:|"]
+             "prompt), [95% bootstrap interval over questions]; the delta's interval is paired, p from the "
+             "paired permutation test.", "",
+             "| benchmark | shots | n | base | tuned | delta (points) | p |", "|---|---:|---:|---:|---:|---:|---:|"]
     for name, entry in results.items():
         for key, block in entry.items():
             if not key.endswith("-shot"):
                 continue
             o = block["overall"]
-            cells = [_pct(o[m]) if m in o else "–" for m in ("base", "tuned")]
-            cells.append(_pct(o["delta"], signed=True) if "delta" in o else "–")
-            lines.append(f"| {name} | {key[:-5]} | {o['n']} | " + " | ".join(cells) + " |")
+            cells = [_pct(o.get(m), o.get(f"{m}_ci95")) for m in ("base", "tuned")]
+            cells.append(_pct(o.get("delta"), o.get("delta_ci95"), signed=True))
+            p = o.get("p_value")
+            lines.append(f"| {name} | {key[:-5]} | {o['n']} | " + " | ".join(cells) + f" | {'–' if p is None else f'{p:.3g}'} |")
     return "\n".join(lines) + "\n"
 
 
-def _pct(v: dict[str, Any], signed: bool = False) -> str:
+def _pct(v: float | None, ci: list[float] | None, signed: bool = False) -> str:
+    if v is None:
+        return "–"
     f = "{:+.1f}" if signed else "{:.1f}"
-    lo, hi = v["ci95"]
-    return f"{f.format(100 * v['acc'])} [{f.format(100 * lo)}, {f.format(100 * hi)}]"
+    return f.format(100 * v) + ("" if ci is None else f" [{f.format(100 * ci[0])}, {f.format(100 * ci[1])}]")

@@ -21,6 +21,7 @@ from ..config import load_config
 from ..data import Example, build_datasets, ensure_template, group_references, render_prompt
 from ..errors import ConfigError, RunError
 from ..model import load_adapter, load_model, load_tokenizer
+from .benchmarks import compare_benchmarks, load_benchmarks
 from .flips import FLIPS, top_flips
 from .generate import generate_batched
 from .health import health
@@ -37,12 +38,14 @@ STATS_INFO = {"interval": "paired percentile bootstrap over prompts (95%)", "res
 
 def evaluate_run(run_dir: str | Path, *, max_new_tokens: int | None = None, batch_size: int | None = None,
                  max_samples: int | None = None, mode: str | None = None, sets: Sequence[str] | None = None,
-                 device: str = "auto", progress: bool = True, flips: int = FLIPS) -> dict[str, Any]:
+                 device: str = "auto", progress: bool = True, flips: int = FLIPS,
+                 benchmarks: Sequence[str] | None = None, shots: Sequence[int] = (0,)) -> dict[str, Any]:
     """Evaluate a run folder; writes RUN/eval/* and returns the metrics.json dict.
 
     None arguments take the run's config (``max_new_tokens``, ``eval_batch_size``, ``metric_mode``);
     ``max_samples`` caps prompts per set (after grouping references); ``sets`` picks sets by name;
-    ``flips``: how many most-improved and most-regressed prompts each set lists.
+    ``flips``: how many most-improved and most-regressed prompts each set lists; ``benchmarks`` (default:
+    the config's) are multiple-choice folders scored ``shots``-shot (evaluate/benchmarks.py).
     """
     run = Path(run_dir)
     cfg_path = run / "config.yaml"
@@ -55,6 +58,7 @@ def evaluate_run(run_dir: str | Path, *, max_new_tokens: int | None = None, batc
     max_new_tokens = max_new_tokens or cfg.max_new_tokens
     batch_size = batch_size or cfg.eval_batch_size
     chosen = eval_sets(cfg, cfg_path, sets, max_samples)
+    benches = load_benchmarks(cfg.benchmarks if benchmarks is None else benchmarks, shots)  # before the model loads
 
     tok = ensure_template(load_tokenizer(cfg.model), cfg.template)
     model = load_adapter(load_model(cfg.model, device=device, dtype=cfg.dtype), run / "adapter")
@@ -66,11 +70,12 @@ def evaluate_run(run_dir: str | Path, *, max_new_tokens: int | None = None, batc
 
     with model.disable_adapter():  # the LoRA path is skipped: these are the base model's numbers
         before = {s.name: measure(model, s, "base", **opts) for s in todo}
+    scored = compare_benchmarks(model, tok, benches, batch_size=batch_size, out_dir=out_dir, progress=progress)
     # Tuned = adapter merged into the weights: the model `lorafit merge` ships, and one matmul per
     # layer instead of three. Merging in place is safe: the base pass is done and nothing is saved.
     model.merge_adapter()
 
-    metrics: dict[str, Any] = {"mode": mode, "stats": STATS_INFO, "sets": {}}
+    metrics: dict[str, Any] = {"mode": mode, "stats": STATS_INFO, "sets": {}, **({"benchmarks": scored} if scored else {})}
     for s in todo:
         after = measure(model, s, "tuned", **opts)
         metrics["sets"][s.name] = compare(s, before[s.name], after, mode, flips=flips)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .benchmarks import benchmarks_table_md
 from .health import FIELDS
 from .metrics import KEYS
 
@@ -65,6 +66,8 @@ def metrics_table_md(metrics: dict[str, Any]) -> str:
             lines.append(f"| {name} | {role} | " + " | ".join(fmt_delta(s["delta"].get(k), cis.get(k)) for k in KEYS)
                          + f" | {fmt_delta(_loss_delta(s), s.get('loss_delta_ci95'), 3)} |")
     lines += health_table_md(sets)
+    if metrics.get("benchmarks"):
+        lines += ["", benchmarks_table_md(metrics["benchmarks"]).rstrip("\n")]
     return "\n".join(lines) + "\n"
 
 
