@@ -10,7 +10,8 @@ the 1-GPU run's at the same global batch within bf16 noise, and tokens/s is >= 1
 `run` builds the model folder (LlamaConfig below, bf16, SmolLM2's tokenizer from benchmarks/assets), then
 runs `python -m lorafit train CFG` (1 process, gradient_accumulation_steps 2) and
 `python -m lorafit train CFG --nproc 2` (gradient_accumulation_steps 1): global batch 4 both. Tokens/s is
-lorafit's own log figure (non-padding tokens), the median of the train records after the first.
+lorafit's own log figure (non-padding tokens), the median of the train records of the second half
+(the first windows include CUDA's and the allocator's warm-up).
 """
 from __future__ import annotations
 
@@ -70,7 +71,7 @@ def train(name: str, cfg: dict, out: Path, nproc: int) -> dict:
     run = Path(cfg["output_dir"])
     recs = [json.loads(ln) for ln in (run / "log.jsonl").read_text().splitlines()] if (run / "log.jsonl").is_file() else []
     train_recs = [r for r in recs if r["type"] == "train"]
-    tps = [r["tokens_per_s"] for r in train_recs[1:]]
+    tps = [r["tokens_per_s"] for r in train_recs[len(train_recs) // 2:]]  # steady state: the second half
     return {"command": " ".join(["lorafit", "train", path.name, "--no-progress"] + (["--nproc", str(nproc)] if nproc > 1 else [])),
             "config": cfg, "exit": r.returncode, "wall_s": round(wall, 1), "stderr_tail": r.stderr[-1500:],
             "start": recs[0] if recs else None,
@@ -84,6 +85,7 @@ def run(data: Path, out: Path, steps: int, model_dir: Path) -> None:
     import torch
     import transformers
 
+    shutil.rmtree("/tmp/nproc", ignore_errors=True)  # a finished run there would be taken as done
     t0 = time.perf_counter()
     build_model(model_dir)
     built = time.perf_counter() - t0
