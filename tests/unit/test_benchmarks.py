@@ -198,3 +198,29 @@ def test_base_and_tuned_from_one_load(tiny, mmlu, tmp_path, tiny_model_dir):
         assert [r["answer"] for r in rows] == ["C", "B", "A"] and all(len(r["loglik_tuned"]) == 4 for r in rows)
         assert np.allclose([r["loglik_base"] for r in rows], [r["loglik_base"] for r in plain], atol=1e-3)
         assert not np.allclose([r["loglik_tuned"] for r in rows], [r["loglik_base"] for r in plain], atol=1e-3)
+
+
+def _series(general: list[float] | None = None):
+    from lorafit.diagnose.records import RunSeries
+
+    evals = {} if general is None else {"general": (np.arange(1, len(general) + 1) * 10.0, np.array(general))}
+    return RunSeries(np.arange(1.0, 41), np.linspace(2, 1, 40), None, None, None, [], evals, [],
+                     {"learning_rate": 1e-4, "num_epochs": 3})
+
+
+def _metrics(delta: float, ci: list[float]) -> dict:
+    o = {"n": 1000, "base": 0.40, "tuned": 0.40 + delta, "delta": delta, "delta_ci95": ci, "p_value": 0.001}
+    return {"sets": {}, "benchmarks": {"mmlu-en": {"0-shot": {"overall": o, "subjects": {}}}}}
+
+
+def test_diagnose_forgetting_uses_benchmark_drop_and_its_interval():
+    from lorafit.diagnose.generalization import detect_forgetting
+
+    f = detect_forgetting(_series([2.0, 2.01]), _metrics(-0.061, [-0.085, -0.038]))
+    assert f is not None and f.severity == "critical"
+    assert "mmlu-en 0-shot accuracy down 6.1 points [3.8, 8.5]" in f.summary
+    assert f.evidence["benchmarks"]["mmlu-en 0-shot"]["delta_ci95"] == [-0.085, -0.038]
+    f = detect_forgetting(_series([2.0, 2.01]), _metrics(-0.03, [-0.05, -0.01]))
+    assert f.severity == "warning" and "down 3.0 points" in f.summary
+    # a drop whose interval reaches 0 is noise: no finding from it (the general loss barely moved)
+    assert detect_forgetting(_series([2.0, 2.01]), _metrics(-0.03, [-0.06, 0.004])) is None

@@ -31,6 +31,8 @@ FORGET_WATCH = 0.02        # general-domain loss up 2%: info (a drift worth watc
 FORGET_LOSS = 0.05         # general-domain loss up 5% (perplexity up ~5%+): warning
 FORGET_CRITICAL = 0.15
 FORGET_ROUGE_POINTS = 2.0  # general-domain ROUGE-L down 2 points (and 5% relative)
+FORGET_BENCH_POINTS = 2.0  # MMLU/CMMLU accuracy down 2 points, its paired 95% interval below 0 ...
+FORGET_BENCH_CRITICAL = 5.0  # ... 5 points: critical
 
 
 def _epoch_at(s: RunSeries, step: float) -> float | None:
@@ -232,8 +234,9 @@ def detect_forgetting(s: RunSeries, metrics: dict[str, Any] | None) -> Finding |
             ev.update(rouge_l_before=rb * scale, rouge_l_delta=rd * scale)
             if ci is not None:
                 ev.update(rouge_l_delta_ci95=[c * scale for c in ci])
+    bench_drops = _benchmark_drops(metrics, ev)
     worst = max(rises, default=0.0)
-    if worst < FORGET_LOSS and not rouge_drop:
+    if worst < FORGET_LOSS and not rouge_drop and not bench_drops:
         if worst < FORGET_WATCH:
             return None
         return Finding(
@@ -257,13 +260,37 @@ def detect_forgetting(s: RunSeries, metrics: dict[str, Any] | None) -> Finding |
     what = f"general-domain loss up {100 * worst:.1f}%" if worst >= FORGET_WATCH else ""
     if rouge_drop:
         what += ("; " if what else "") + f"general-domain ROUGE-L down {rouge_drop:.1f} points"
+    for label, drop, ci in bench_drops:
+        what += ("; " if what else "") + f"{label} accuracy down {drop:.1f} points [{-ci[1]:.1f}, {-ci[0]:.1f}]"
+    bench_worst = max((d for _, d, _ in bench_drops), default=0.0)
     return Finding(
-        "forgetting", "critical" if worst >= FORGET_CRITICAL or rouge_drop >= 5 else "warning", what,
+        "forgetting", "critical" if worst >= FORGET_CRITICAL or rouge_drop >= 5 or bench_worst >= FORGET_BENCH_CRITICAL
+        else "warning", what,
         "The adapter improved the target domain at the expense of general ability (catastrophic "
         "forgetting): large, many or domain-only updates overwrite what the base model knew.",
         f"Mix general-domain data into training ({mix}), lower the learning rate to 1e-5 and train fewer "
         "epochs.",
         steps=[int(s.evals['general'][0][-1])] if "general" in s.evals else [], evidence=ev, config_patch=patch)
+
+
+def _benchmark_drops(metrics: dict[str, Any] | None, ev: dict[str, Any]) -> list[tuple[str, float, list[float]]]:
+    """(label, drop in points, interval of the drop) for each benchmark and shot count of ``lorafit eval
+    --benchmarks`` whose accuracy fell by FORGET_BENCH_POINTS or more with the paired interval below 0
+    (a drop within the questions' sampling noise is not evidence). Every accuracy goes into the evidence."""
+    drops: list[tuple[str, float, list[float]]] = []
+    bench = metrics.get("benchmarks") if isinstance(metrics, dict) else None
+    for name, entry in bench.items() if isinstance(bench, dict) else ():
+        for key, block in entry.items() if isinstance(entry, dict) else ():
+            o = block.get("overall") if key.endswith("-shot") and isinstance(block, dict) else None
+            if not isinstance(o, dict) or not isinstance(o.get("delta"), (int, float)):
+                continue
+            label = f"{name} {key}"
+            ci = _ci(o.get("delta_ci95"))
+            ev.setdefault("benchmarks", {})[label] = {k: o.get(k) for k in ("n", "base", "tuned", "delta", "delta_ci95",
+                                                                             "p_value")}
+            if -100 * o["delta"] >= FORGET_BENCH_POINTS and ci is not None and ci[1] < 0:
+                drops.append((label, -100 * o["delta"], [100 * c for c in ci]))
+    return drops
 
 
 def _ci(v: Any) -> list[float] | None:
