@@ -108,8 +108,16 @@ class TrainConfig:
     pack_tokens: int | None = _f(None, "Tokens per pack with packing (None: batch_size x max_length). Packs hold more "
                                  "examples than padded batches, so an epoch has fewer optimizer steps: smaller packs "
                                  "or a higher learning_rate keep the per-epoch progress (docs/speed.md).")
-    fused_kernels: bool = _f(False, "Use lorafit's fused LoRA kernels where available (GPU speed path); where Triton "
-                             "runs, LoRA dropout is then drawn inside the fused products from (seed, micro-batch).")
+    fused_kernels: bool | str = _f("auto", "lorafit's fused LoRA, norm, rotary, SwiGLU and cross-entropy kernels: 'auto' "
+                                   "(default) turns them on where CUDA and Triton run (then LoRA dropout is drawn inside "
+                                   "the fused products from (seed, micro-batch)) and off elsewhere (CPU: nothing changes); "
+                                   "true / false force it.")
+    cuda_graph: bool | str = _f("auto", "With fused kernels: each micro-batch's forward and backward is padded to a length "
+                                "bucket (a multiple of 128, at most max_length; right padding needs no attention mask "
+                                "under causal attention) and replayed from a CUDA graph captured once per bucket; "
+                                "clipping, the finiteness check and the optimizer step run after it. 'auto': on CUDA "
+                                "where the step allows it (not with packing, FSDP, DoRA or gradient checkpointing); "
+                                "true: also on CPU, without capture (the same bucketed step, for tests); false: off.")
     distributed: str = _f("auto", "Under torchrun: 'ddp' (the frozen base is replicated on every GPU, only LoRA gradients "
                           "are all-reduced), 'fsdp' (FSDP2: every weight, the frozen base included, is sharded over "
                           "the GPUs and gathered one decoder layer at a time; for a base that does not fit one GPU) or "
@@ -180,7 +188,7 @@ class TrainConfig:
             bad("general_ratio", "is > 0 but general_data lists no files")
         if self.distributed not in ("auto", "ddp", "fsdp"):
             bad("distributed", f"must be auto, ddp or fsdp, got {short(self.distributed)}")
-        if self.distributed == "fsdp" and self.fused_kernels:
+        if self.distributed == "fsdp" and self.fused_kernels is True:
             bad("fused_kernels", "is not supported with distributed: fsdp (set one of them differently)")
         if not (self.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", self.device)):
             bad("device", f"must be auto, cpu, cuda or cuda:N, got {short(self.device)}")
@@ -268,6 +276,12 @@ def _coerce(name: str, value: Any, source: str | None, line: int | None) -> Any:
             if not all(isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in value.values()):
                 return _type_error()
             return {str(k): str(v) for k, v in value.items()}
+        if ftype == "bool | str":  # true / false / auto
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("auto", "true", "false", "1", "0", "yes", "no"):
+                return "auto" if value.lower() == "auto" else value.lower() in ("true", "1", "yes")
+            return _type_error()
         if ftype == "bool":
             if isinstance(value, bool):
                 return value

@@ -133,6 +133,15 @@ def average_gradients(params: list[torch.Tensor]) -> None:
     torch._foreach_copy_(grads, list(_unflatten_dense_tensors(flat, grads)))
 
 
+def broadcast_params(params: list[torch.Tensor]) -> None:
+    """Rank 0's values for `params` on every rank (what DDP does when it wraps a model)."""
+    if world()[2] == 1:
+        return
+    with torch.no_grad():
+        for p in params:
+            dist.broadcast(p.data, src=0)
+
+
 def barrier() -> None:
     if world()[2] > 1:
         dist.barrier()

@@ -31,6 +31,7 @@ from . import dist
 from .batches import PackedStream, Stream, batch_tokens
 from .runlog import FolderLock, JsonlLog, check_output_dir, finished, lock_output_dir  # noqa: F401 (API)
 from .schedule import lr_at
+from .graphstep import BucketedStep
 from .step import FusedLoss, evaluate_loss, loss_sum, unwrap_ddp  # noqa: F401 (loss_sum: patched by tests)
 
 log = logging.getLogger("lorafit")
@@ -94,6 +95,41 @@ def make_plan(cfg: TrainConfig, micro_batches_per_epoch: int, world_size: int) -
     return Plan(total_steps=total, warmup_steps=cfg.resolve_warmup(total), world_size=world_size,
                 micro_batches_per_step=per_step, global_batch_size=cfg.batch_size * per_step,
                 micro_batches_per_epoch=micro_batches_per_epoch)
+
+
+def resolve_fused(setting: bool | str, device: torch.device, strategy: str) -> bool:
+    """`fused_kernels: auto` is on where CUDA and Triton run (not under FSDP); true/false are kept."""
+    if setting != "auto":
+        return bool(setting)
+    if device.type != "cuda" or strategy == "fsdp":
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def step_kind(cfg: TrainConfig, fused: bool, device: torch.device, strategy: str, seeded: bool) -> tuple[str, str]:
+    """Which micro-batch step the run takes, and why not a faster one (logged once, in the start event):
+    'cuda_graph' (bucketed, replayed), 'bucketed' (the same step without capture), 'eager_fused', 'eager'."""
+    if not fused:
+        return "eager", ""
+    if cfg.cuda_graph is False:
+        return "eager_fused", "cuda_graph: false"
+    on_gpu = device.type == "cuda"
+    blockers = [why for cond, why in ((cfg.packing, "packing"), (strategy == "fsdp", "FSDP"), (cfg.use_dora, "DoRA"),
+                                      (cfg.gradient_checkpointing, "gradient checkpointing"),
+                                      (on_gpu and cfg.lora_dropout > 0 and not seeded,
+                                       "LoRA dropout without Triton's seeded masks (torch's RNG is not replayed)"))
+                if cond]
+    if blockers:
+        return "eager_fused", "no CUDA graph with " + ", ".join(blockers)
+    if on_gpu:
+        return "cuda_graph", ""
+    if cfg.cuda_graph is True:
+        return "bucketed", "no CUDA on this device: the bucketed step runs without capture"
+    return "eager_fused", "CUDA graphs need a GPU"
 
 
 def _inputs_guard(cfg: TrainConfig, config_path: str | Path | None) -> None:
@@ -171,17 +207,18 @@ class Trainer:
         dtype = str(pick_dtype(cfg.dtype, device)).split(".")[-1]
         base = load_model(cfg.model, device="cpu" if ws > 1 else str(device), dtype=dtype)
         self.strategy = dist.choose(cfg.distributed, dist.model_bytes(base), device) if ws > 1 else "none"
-        if self.strategy == "fsdp" and cfg.fused_kernels:
+        if self.strategy == "fsdp" and cfg.fused_kernels is True:
             raise ConfigError("fused_kernels is not supported under FSDP (chosen for a model of "
                               f"{dist.model_bytes(base) / 2**30:.1f} GiB); set fused_kernels: false or distributed: ddp",
                               field="fused_kernels")
+        self.fused = resolve_fused(cfg.fused_kernels, device, self.strategy)
         if self.strategy != "fsdp":
             base.to(device)
         if cfg.gradient_checkpointing:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model = apply_lora(base, cfg)
         self.dropout_seed = None
-        if cfg.fused_kernels:
+        if self.fused:
             from ..kernels import accelerate_model
             from ..kernels._triton import use_triton
 
@@ -192,10 +229,23 @@ class Trainer:
             if self.dropout_seed is not None and cfg.lora_dropout > 0:
                 _check_seeded_dropout_size(cfg, model.get_base_model().config)
         self.peft_model = model
-        if cfg.fused_kernels:
-            model = FusedLoss(model)  # the loss is the forward DDP wraps (see FusedLoss)
-        with self.watchdog.phase("setup (wrapping the model for several processes)"):
-            self.model = dist.wrap(model, self.strategy, device)  # before the optimizer: FSDP replaces parameters
+        self.step_kind, why = step_kind(cfg, self.fused, device, self.strategy, self.dropout_seed is not None)
+        log.info("training step: %s%s", self.step_kind, f" ({why})" if why else "")
+        self.step_reason = why
+        self.bucketed = None
+        if self.step_kind in ("cuda_graph", "bucketed"):
+            params = [p for p in model.parameters() if p.requires_grad]
+            if ws > 1:  # no DDP wrapper around a replayed graph: same start everywhere, gradients averaged by hand
+                with self.watchdog.phase("setup (broadcasting the adapter)"):
+                    dist.broadcast_params(params)
+            self.bucketed = BucketedStep(model, params, max_length=cfg.max_length, pad_id=self.tok.pad_token_id,
+                                         device=device, capture=self.step_kind == "cuda_graph")
+            self.model = model
+        else:
+            if self.fused:
+                model = FusedLoss(model)  # the loss is the forward DDP wraps (see FusedLoss)
+            with self.watchdog.phase("setup (wrapping the model for several processes)"):
+                self.model = dist.wrap(model, self.strategy, device)  # before the optimizer: FSDP replaces parameters
         self.sharded = dist.is_sharded(self.model)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         # On GPUs the fused AdamW (one kernel for every tensor, as HF's adamw_torch_fused): the step's host cost
@@ -243,7 +293,8 @@ class Trainer:
                              "world_size": plan.world_size, "global_batch_size": plan.global_batch_size,
                              "learning_rate": cfg.learning_rate, "distributed": self.strategy,
                              "device": str(self.device), "micro_batches_per_epoch": plan.micro_batches_per_epoch,
-                             "packing": bool(cfg.packing)})
+                             "packing": bool(cfg.packing), "fused_kernels": self.fused, "step": self.step_kind,
+                             **({"step_fallback": self.step_reason} if self.step_reason else {})})
         log.info("effective warmup: %d of %d steps (max(warmup_steps=%d, ceil(%.3g x %d)))",
                  plan.warmup_steps, plan.total_steps, cfg.warmup_steps, cfg.warmup_ratio, plan.total_steps)
         log.info("%d training examples (%d general), %d truncated to max_length=%d; global batch %d "
@@ -297,11 +348,16 @@ class Trainer:
                 torch.manual_seed(cfg.seed * 1_000_003 + k)
                 if self.dropout_seed is not None:  # advanced once by the forward: the masks are those of (seed, k)
                     self.dropout_seed.value.fill_(cfg.seed * 1_000_003 + k - 1)
-                with dist.no_sync(self.model, last=j == len(mine) - 1):
-                    lsum, _ = loss_sum(self.model, batch, self.device, cfg.fused_kernels)
-                    (lsum * (ws / max(denom, 1))).backward()
+                if self.bucketed is not None:
+                    lsum = self.bucketed(batch, ws / max(denom, 1))
+                else:
+                    with dist.no_sync(self.model, last=j == len(mine) - 1):
+                        lsum, _ = loss_sum(self.model, batch, self.device, self.fused)
+                        (lsum * (ws / max(denom, 1))).backward()
                 local_loss += lsum.detach()  # no host sync per micro-batch: read once per step, below
                 tokens += batch_tokens(batch)
+            if self.bucketed is not None and ws > 1:
+                dist.average_gradients(self.params)  # what DDP's hooks do on the eager path
             if cfg.l2_penalty:
                 # Classic L2, a penalty l2_penalty * sum(w^2) in the loss (unlike AdamW's decoupled decay),
                 # applied as that term's gradient, once, to the reduced gradients (or their FSDP shards):
@@ -320,13 +376,15 @@ class Trainer:
             loss_total, tokens_total, bad, gnorm_sum = dist.all_sum_tensor(packed)
             gnorm = gnorm_sum / ws if not bad else float("nan")
         step_loss = loss_total / max(denom, 1)
+        # A replayed graph accumulates into the gradient buffers it was captured with: zero them, never free them.
+        keep_grads = self.bucketed is not None
         if not math.isfinite(step_loss) or bad:
-            self.opt.zero_grad(set_to_none=True)
+            self.opt.zero_grad(set_to_none=not keep_grads)
             self._nonfinite(step, step_loss, gnorm)
             return None
         self.state.nonfinite_run = 0
         self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
+        self.opt.zero_grad(set_to_none=not keep_grads)
         return step_loss, gnorm, lr, int(tokens_total)
 
     def _nonfinite(self, step: int, step_loss: float, gnorm: float) -> None:
@@ -419,7 +477,10 @@ class Trainer:
             else:
                 C.save_adapter_atomic(self.peft_model, out / "adapter", full)
             self.logf.write({"type": "event", "step": done, "event": "end", "best_step": s.best_step,
-                             "best_loss": s.best_loss, "final_eval": self.last_eval})
+                             "best_loss": s.best_loss, "final_eval": self.last_eval,
+                             **({"graphs": self.bucketed.memory()} if self.bucketed is not None else {}),
+                             **({"peak_memory_gib": round(torch.cuda.max_memory_allocated(self.device) / 2 ** 30, 3)}
+                                if self.device.type == "cuda" else {})})
             self.logf.sync()
         with self.watchdog.phase("the end of the run (waiting for rank 0's adapter save)"):
             dist.barrier()
