@@ -224,3 +224,15 @@ def test_diagnose_forgetting_uses_benchmark_drop_and_its_interval():
     assert f.severity == "warning" and "down 3.0 points" in f.summary
     # a drop whose interval reaches 0 is noise: no finding from it (the general loss barely moved)
     assert detect_forgetting(_series([2.0, 2.01]), _metrics(-0.03, [-0.06, 0.004])) is None
+
+
+def test_report_section_lists_overall_and_subjects():
+    from lorafit.report.benchmarks import benchmark_blocks
+    from lorafit.report.render import to_html
+
+    s = accuracy_summary({"base": [1, 0, 1, 0], "tuned": [1, 1, 1, 0]}, ["营养学", "营养学", "b", "b"])
+    blocks = benchmark_blocks({"benchmarks": {"cmmlu-zh": {"path": "x", "5-shot": s}}})
+    rows = blocks[-1][2]
+    assert [r[2] for r in rows] == ["overall", "营养学", "b"] and rows[0][:4] == ["cmmlu-zh", "5", "overall", 4]
+    assert rows[0][4].startswith("50.0 [") and rows[0][6].startswith("+25.0 [")
+    assert "营养学" in to_html("r", blocks) and benchmark_blocks({"sets": {}}) == []

@@ -17,6 +17,7 @@ from ..diagnose import Finding, diagnose_records, read_run
 from ..diagnose.findings import SEVERITIES, format_patch, format_steps, sort_findings
 from ..diagnose.records import RunSeries, build_series
 from ..errors import RunError
+from .benchmarks import benchmark_blocks
 from .evaluation import checkpoint_blocks, flips_blocks, health_blocks, metrics_blocks
 from .plots import plot_loss
 
@@ -264,7 +265,8 @@ def write_report(run_dir: str | Path, study: Study = None) -> tuple[Path, Path]:
     title = f"lorafit report: {run.resolve().name}"
     blocks = (_summary(s, findings, metrics) + _findings(findings)
               + [("h2", "Training curves"), ("img", png.read_bytes(), "loss curves", png.name)]
-              + metrics_blocks(run, metrics) + health_blocks(metrics) + flips_blocks(metrics)
+              + metrics_blocks(run, metrics) + benchmark_blocks(metrics) + health_blocks(metrics)
+              + flips_blocks(metrics)
               + checkpoint_blocks(run) + _study(study) + _config(config))
     html_path, md_path = run / "report.html", run / "report.md"
     html_path.write_text(to_html(title, blocks), encoding="utf-8")
