@@ -31,4 +31,26 @@ case "$1" in
     while pgrep -f "experiments/run.py" > /dev/null && [ $SECONDS -lt $end ]; do sleep 10; done
     cat /tmp/res/driver.log; tail -n 2 /tmp/res/logs/*.log
     tar -czf $OUT/results.tgz -C /tmp/res --exclude=adapter --exclude=checkpoints --exclude=best-adapter . ;;
+  # Session of 2026-11-30 (one H200): the GGUF in three parts (.dev/p0 with the small wheels, .dev/p1,
+  # .dev/p2 with jieba), MMLU/CMMLU copied to .dev/bench; bitext, bitext-mix10 and huatuo retrained with
+  # their adapters kept, evaluated (intervals, per-prompt losses), then scored on MMLU/CMMLU 0- and 5-shot.
+  p0)
+    mkdir -p $X && cp .dev/p0/m0 $X/ && python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .dev/p0/*.whl ;;
+  p1)
+    cp .dev/p1/m1 $X/ ;;
+  p2)
+    cat $X/m0 $X/m1 .dev/p2/m2 > $GGUF && rm $X/m0 $X/m1 &&
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .dev/p2/*.whl &&
+    sha256sum $GGUF | cut -c1-16 && cp -r experiments/data $X/data && cp -r .dev/bench $X/bench ;;
+  forgetting-benchmarks)
+    mkdir -p /tmp/res
+    export PYTHONPATH=/tmp/site:$PWD/src OMP_NUM_THREADS=2
+    timeout "$2" python3 experiments/run.py bitext forgetting huatuo --only bitext bitext-mix10 huatuo --jobs 3 --gpus 0 \
+      --model $GGUF --data $X/data --device cuda --results /tmp/res --eval-samples 100 --max-new-tokens 128 \
+      --keep-adapter --set eval_batch_size=32 > /tmp/res/driver.log 2>&1
+    cat /tmp/res/driver.log; tail -n 3 /tmp/res/logs/*.log
+    python3 experiments/benchmarks.py /tmp/res/runs/bitext /tmp/res/runs/bitext-mix10 /tmp/res/runs/huatuo \
+      --benchmarks $X/bench/mmlu-en,$X/bench/cmmlu-zh --shots 0,5 --model $GGUF --device cuda \
+      --out /tmp/res/benchmarks.json 2>&1 | tail -n 8
+    tar -czf $OUT/results.tgz -C /tmp/res --exclude=adapter --exclude=checkpoints --exclude=best-adapter . ;;
 esac

@@ -66,7 +66,7 @@ def test_bucketed_step_skips_a_nonfinite_step(tmp_path, tiny_model_dir, monkeypa
 
     def nan_on_third(self, batch):
         calls["n"] += 1
-        loss = self.loss_fn(self.model, batch, num_items_in_batch=1)
+        loss = self.loss_fn(self.model, batch, num_items_in_batch=self.one)
         if calls["n"] == 3:
             loss = loss * float("nan")
         (loss * self.scale).backward()

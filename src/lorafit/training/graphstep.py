@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 import torch
 
-BUCKET = 128
+BUCKET = 128  # 64 and 32 measured no faster on an H200 (docs/speed.md): fewer graphs
 
 
 def bucket_length(n: int, max_length: int, bucket: int = BUCKET) -> int:
@@ -59,6 +59,7 @@ class BucketedStep:
         self.model, self.params, self.max_length, self.pad_id, self.device = model, params, max_length, pad_id, device
         self.capture, self.warmup, self.loss_fn = capture, warmup, causal_lm_loss
         self.scale = torch.zeros((), dtype=torch.float32, device=device)
+        self.one = torch.ones((), dtype=torch.float32, device=device)  # a summed loss; a device tensor: no copy in capture
         self.graphs: dict[tuple[int, int], tuple[Any, dict[str, torch.Tensor], torch.Tensor]] = {}
         self.pool = torch.cuda.graph_pool_handle() if capture else None
         self.seed = getattr(_causal(model), "lorafit_dropout_seed", None)
@@ -67,7 +68,7 @@ class BucketedStep:
                 p.grad = torch.zeros_like(p)
 
     def _forward_backward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        lsum = self.loss_fn(self.model, batch, num_items_in_batch=1)
+        lsum = self.loss_fn(self.model, batch, num_items_in_batch=self.one)
         (lsum * self.scale).backward()
         return lsum.detach()
 
