@@ -176,6 +176,43 @@ def diagnosis_table(runs: dict, names: list[str]) -> list[str]:
     return out
 
 
+def benchmarks_table(bench: dict) -> list[str]:
+    """MMLU / CMMLU accuracy base vs tuned per run, 0- and 5-shot, with 95% intervals (results/benchmarks.json,
+    written by experiments/benchmarks.py)."""
+    out = ["| run | benchmark | shots | base | tuned | Δ (points) [95% CI] | p |", "|---|---|---:|---:|---:|---:|---:|"]
+    for run, entry in bench.items():
+        for name, b in entry.items():
+            for key in sorted(k for k in b if k.endswith("-shot")):
+                o = b[key]["overall"]
+                ci = [100 * x for x in o["delta_ci95"]]
+                out.append(f"| {run} | {name} | {key[:-5]} | {100 * o['base']:.1f}% | {100 * o['tuned']:.1f}% | "
+                           f"{fmt_delta(100 * o['delta'], ci, 1)} | {o['p_value']:.2f} |")
+    return out
+
+
+def rerun_section(res: Path) -> list[str]:
+    """The runs retrained on 2026-11-30 with the fast trainer (adapters kept for the benchmarks): their own
+    deltas, and gain kept / degradation cut of mix10 against that rerun's bitext, both with intervals."""
+    rel = lambda name: str(Path("..") / res.name / "runs" / name)  # set_stats reads RUNS / run
+    lines = ["| run | set | Δ ROUGE-L [95% CI] | Δ loss [95% CI] |", "|---|---|---:|---:|"]
+    for run, sets in (("bitext", ("seen", "unseen", "general")), ("bitext-mix10", ("seen", "unseen", "general")),
+                      ("huatuo", ("heldout", "general"))):
+        if not (res / "runs" / run).is_dir():
+            continue
+        for name in sets:
+            st = set_stats(rel(run), name)
+            r = paired_summary(*st["rouge-l"])
+            lo = paired_summary(*st["loss"]) if "loss" in st else None
+            lines.append(f"| {run} | {name} | {fmt_delta(r['delta'], r['delta_ci95'])} | "
+                         f"{fmt_delta(lo['delta'], lo['delta_ci95'], 3) if lo else '—'} |")
+    if (res / "runs" / "bitext-mix10").is_dir() and (res / "runs" / "bitext").is_dir():
+        a, b = rel("bitext"), rel("bitext-mix10")
+        k, kci = joint_ci([set_stats(a, "seen")["rouge-l"], set_stats(b, "seen")["rouge-l"]], lambda x, y: y / x)
+        c, cci = joint_ci([set_stats(a, "general")["loss"], set_stats(b, "general")["loss"]], lambda x, y: 1 - y / x)
+        lines += ["", f"bitext-mix10 against this bitext: domain gain kept {_pct(k, kci)}, degradation cut {_pct(c, cci)}."]
+    return lines
+
+
 def plot(pts: list[tuple[str, float, float]], path: Path) -> None:
     import matplotlib
 
@@ -202,7 +239,8 @@ def main() -> None:
     res = Path(a.results)
     runs = {}
     for p in sorted(res.glob("*.json")):
-        runs.update(json.loads(p.read_text()))
+        if p.name != "benchmarks.json":
+            runs.update(json.loads(p.read_text()))
     for r in runs.values():
         r["_dir"] = str(res / "runs" / r["name"])
     lines = []
@@ -221,6 +259,10 @@ def main() -> None:
     health_runs = [n for n in ("bitext", "bitext-mix10", "huatuo") if n in runs]
     if health_runs:
         lines += ["\n### Generation health\n", *health_table(health_runs)]
+    if (res / "benchmarks.json").is_file():
+        lines += ["\n### MMLU / CMMLU before vs after\n", *benchmarks_table(json.loads((res / "benchmarks.json").read_text()))]
+    if (res / "rerun" / "runs").is_dir():
+        lines += ["\n### The reruns behind the benchmark table\n", *rerun_section(res / "rerun")]
     diag = [n for n in runs if n.startswith("diag-")]
     if diag:
         lines += ["\n### Diagnosis runs\n", *diagnosis_table(runs, diag)]
