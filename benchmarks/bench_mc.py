@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
 import re
@@ -42,8 +43,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's, = cores)")
+    ap.add_argument("--base-only", action="store_true", help="no adapter: the base's accuracy and time alone")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="lorafit: %(message)s")  # compare_benchmarks' per-pass times
     if args.threads:
         torch.set_num_threads(args.threads)
     from peft import LoraConfig, get_peft_model
@@ -54,8 +57,10 @@ def main(argv: list[str] | None = None) -> dict:
     device = pick_device(args.device)
     tok = load_tokenizer(model_path)
     torch.manual_seed(0)
-    model = get_peft_model(load_model(model_path, device=args.device, dtype=args.dtype),
-                           LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", init_lora_weights=False))
+    model = load_model(model_path, device=args.device, dtype=args.dtype)
+    if not args.base_only:
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear",
+                                                 init_lora_weights=False))
     model.eval()
     shots = tuple(int(k) for k in args.shots.split(","))
     benches = []
@@ -76,15 +81,15 @@ def main(argv: list[str] | None = None) -> dict:
             tokens = sum(len(tok(build_prompt(b, q, k))["input_ids"]) for q in b.test)
             rows[f"{b.name} {k}-shot"] = {"questions": o["n"], "prompt_tokens": tokens,
                                           "base_acc": round(o["base"], 4), "base_ci95": [round(x, 4) for x in o["base_ci95"]],
-                                          "tuned_acc_random_adapter": round(o["tuned"], 4)}
-        rows[f"{b.name} seconds (base + tuned, all shots)"] = round(time.perf_counter() - t0, 1)
+                                          **({} if args.base_only else {"tuned_acc_random_adapter": round(o["tuned"], 4)})}
+        rows[f"{b.name} seconds ({'base' if args.base_only else 'base + tuned'}, all shots)"] = round(time.perf_counter() - t0, 1)
         print(b.name, json.dumps(rows), flush=True)
     cpu = platform.processor() or "cpu"
     if Path("/proc/cpuinfo").is_file():
         m = re.search(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text())
         cpu = m.group(1).strip() if m else cpu
     result = {
-        "model": Path(model_path).name + " + random LoRA r16 all-linear",
+        "model": Path(model_path).name + ("" if args.base_only else " + random LoRA r16 all-linear"),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu,
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "batch_size": args.batch_size,
@@ -94,8 +99,8 @@ def main(argv: list[str] | None = None) -> dict:
         "command": " ".join(["benchmarks/bench_mc.py", *(argv if argv is not None else sys.argv[1:])]),
     }
     slug = ("cuda-" + re.sub(r"[^a-z0-9]+", "-", result["device"].lower()).strip("-") if device.type == "cuda"
-            else "cpu" if not args.threads else f"cpu-{args.threads}threads")
-    out = Path(args.out or ROOT / "benchmarks" / "results" / f"mc-{slug}.json")
+            else "cpu" if not args.threads else f"cpu-{args.threads}threads") + ("-base" if args.base_only else "")
+    out = Path(args.out or ROOT / "benchmarks" / "results" / f"mc-{'-'.join(b.name for b in benches)}-{slug}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print(f"total {result['total_seconds']} s; wrote {out}")

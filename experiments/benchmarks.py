@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--out", default=str(ROOT / "results" / "benchmarks.json"))
     args = ap.parse_args(argv)
-
+    logging.basicConfig(level=logging.INFO, format="lorafit: %(message)s")  # compare_benchmarks' per-pass times
     benches = load_benchmarks(args.benchmarks.split(","), [int(k) for k in args.shots.split(",")])  # fail fast
     out = Path(args.out)
     summary = json.loads(out.read_text(encoding="utf-8")) if out.is_file() else {}

@@ -14,9 +14,12 @@ full forward) is the plain reference beside it and the fallback for multi-token 
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import json
+import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -29,6 +32,7 @@ from .metrics import detect_lang, mean_stats
 from .stats import bootstrap_weights, paired_summary, percentile_ci, resampled
 
 LETTERS = "ABCDEFGHIJ"
+log = logging.getLogger("lorafit")
 
 # lm-eval's cmmlu task names each subject in Chinese in its description (lm_eval/tasks/cmmlu/_generate_configs.py).
 CMMLU_SUBJECTS_ZH = {
@@ -318,25 +322,22 @@ def compare_benchmarks(model: Any, tok: Any, benches: Sequence[Benchmark], *, ba
     """Base (PEFT's ``disable_adapter()``) and tuned (adapter on) accuracy on every benchmark and shot count,
     from one loaded model: metrics.json's ``benchmarks`` entry. With ``out_dir``, per-question answers go
     to ``benchmark-<name>-<k>shot.jsonl``. A model without an adapter is scored as 'base' only."""
-    import contextlib
-    import time
-
+    # A bare model (no adapter) is its own base; PEFT's disable_adapter() skips the LoRA path exactly.
+    passes = ({"base": model.disable_adapter, "tuned": contextlib.nullcontext} if hasattr(model, "disable_adapter")
+              else {"base": contextlib.nullcontext})
     results: dict[str, Any] = {}
     for bench in benches:
         entry: dict[str, Any] = {"path": str(bench.path), "lang": bench.lang, "n": len(bench.test),
                                  "method": "lm-eval multiple_choice: log-likelihood of the answer letter"}
         for k in bench.shots:
             ll: dict[str, list[list[float]]] = {}
-            models = {"base": model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()}
-            if hasattr(model, "disable_adapter"):
-                models["tuned"] = contextlib.nullcontext()
-            for which, ctx in models.items():
+            for which, ctx in passes.items():
                 t0 = time.perf_counter()
-                with ctx:
+                with ctx():
                     ll[which] = score_benchmark(model, tok, bench, k, batch_size=batch_size)
                 if progress:
-                    print(f"lorafit: benchmark {bench.name} {k}-shot {which}: {len(bench.test)} questions "
-                          f"in {time.perf_counter() - t0:.1f} s", flush=True)
+                    log.info("benchmark %s %d-shot %s: %d questions in %.1f s", bench.name, k, which,
+                             len(bench.test), time.perf_counter() - t0)
             preds = {m: [int(np.argmax(x)) for x in v] for m, v in ll.items()}
             correct = {m: [p == q.answer for p, q in zip(v, bench.test)] for m, v in preds.items()}
             entry[f"{k}-shot"] = accuracy_summary(correct, [q.subject for q in bench.test])
