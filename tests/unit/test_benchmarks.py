@@ -236,3 +236,25 @@ def test_report_section_lists_overall_and_subjects():
     assert [r[2] for r in rows] == ["overall", "营养学", "b"] and rows[0][:4] == ["cmmlu-zh", "5", "overall", 4]
     assert rows[0][4].startswith("50.0 [") and rows[0][6].startswith("+25.0 [")
     assert "营养学" in to_html("r", blocks) and benchmark_blocks({"sets": {}}) == []
+
+
+def test_lorafit_eval_benchmarks_end_to_end(tiny_model_dir, mmlu, tmp_path, capsys):
+    """`lorafit eval RUN --benchmarks` on the tiny Llama: metrics.json gains 'benchmarks', metrics.md its table."""
+    from peft import LoraConfig, get_peft_model
+
+    from lorafit.model import load_model
+
+    run = tmp_path / "run"
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([{"instruction": f"q{i}", "output": f"a{i}"} for i in range(6)]))
+    run.mkdir()
+    (run / "config.yaml").write_text(f"model: {tiny_model_dir}\ndata: [{data}]\nval_size: 2\nmax_new_tokens: 2\n")
+    peft = get_peft_model(load_model(tiny_model_dir, device="cpu", dtype="float32"),
+                          LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    peft.save_pretrained(run / "adapter")
+    assert main(["eval", str(run), "--benchmarks", str(mmlu), "--shots", "0,1"]) == 0
+    m = json.loads((run / "eval" / "metrics.json").read_text())
+    assert set(m["benchmarks"]["mini-mmlu"]) >= {"0-shot", "1-shot"} and "val" in m["sets"]
+    assert m["benchmarks"]["mini-mmlu"]["1-shot"]["overall"]["n"] == 3
+    assert "| mini-mmlu | 1 | 3 |" in (run / "eval" / "metrics.md").read_text()
+    assert (run / "eval" / "benchmark-mini-mmlu-1shot.jsonl").is_file()
