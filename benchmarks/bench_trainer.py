@@ -108,7 +108,7 @@ def run_row(name: str, cfg: dict, out: Path) -> dict:
         end = next((x for x in recs if x.get("event") == "end"), {})
         row = {"command": f"lorafit train {path.name}", "losses": [(x["step"], x["loss"]) for x in recs if x["type"] == "train"],
                "tokens_per_s": second_half_median([x["tokens_per_s"] for x in recs if x["type"] == "train"]),
-               "peak_memory_gib": end.get("peak_memory_gib"), "step": recs[0].get("step") if recs else None,
+               "peak_memory_gib": end.get("peak_memory_gib"), "step": recs[0].get("step_kind") if recs else None,
                "graphs": end.get("graphs")}
     row.update(exit=r.returncode, wall_s=round(time.perf_counter() - t0, 1), stderr_tail=r.stderr[-2000:] if r.returncode else "")
     return row

@@ -32,6 +32,7 @@ from .batches import PackedStream, Stream, batch_tokens
 from .runlog import FolderLock, JsonlLog, check_output_dir, finished, lock_output_dir  # noqa: F401 (API)
 from .schedule import lr_at
 from .graphstep import BucketedStep
+from .plan import Plan, _check_seeded_dropout_size, make_plan, resolve_fused, step_kind  # noqa: F401 (Plan: API)
 from .step import FusedLoss, evaluate_loss, loss_sum, unwrap_ddp  # noqa: F401 (loss_sum: patched by tests)
 
 log = logging.getLogger("lorafit")
@@ -44,19 +45,6 @@ class TrainResult:
     final_eval: dict[str, float] = field(default_factory=dict)
     stopped_early: bool = False
     resumed_from: int | None = None
-
-
-@dataclass
-class Plan:
-    """What the config resolves to on this world: the rule for several processes is per-device batches
-    (HF Trainer's and LLaMA-Factory's): one optimizer step takes `gradient_accumulation_steps` micro-batches
-    of `batch_size` examples on each of `world_size` processes."""
-    total_steps: int
-    warmup_steps: int
-    world_size: int
-    micro_batches_per_step: int
-    global_batch_size: int
-    micro_batches_per_epoch: int
 
 
 @dataclass
@@ -75,61 +63,6 @@ class LoopState:
     def from_dict(cls, d: dict[str, Any]) -> "LoopState":
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
-
-
-def _check_seeded_dropout_size(cfg: TrainConfig, model_config: Any) -> None:
-    """The seeded dropout hashes 32-bit element offsets: refuse, before anything is written, micro-batches
-    whose widest LoRA input (tokens x intermediate size) would reach 2^31 elements."""
-    tokens = max(cfg.pack_tokens or cfg.batch_size * cfg.max_length, cfg.max_length) if cfg.packing \
-        else cfg.batch_size * cfg.max_length
-    width = max(getattr(model_config, "intermediate_size", 0) or 0, getattr(model_config, "hidden_size", 0) or 0)
-    if tokens * width >= 2 ** 31:
-        name = "pack_tokens" if cfg.packing else "batch_size"
-        raise ConfigError(f"{tokens} tokens per micro-batch x {width} features reach 2^31 elements, more than "
-                          "fused_kernels' seeded dropout takes; use smaller micro-batches", field=name)
-
-
-def make_plan(cfg: TrainConfig, micro_batches_per_epoch: int, world_size: int) -> Plan:
-    per_step = cfg.gradient_accumulation_steps * world_size
-    total = cfg.max_steps if cfg.max_steps > 0 else max(1, int(cfg.num_epochs * micro_batches_per_epoch) // per_step)
-    return Plan(total_steps=total, warmup_steps=cfg.resolve_warmup(total), world_size=world_size,
-                micro_batches_per_step=per_step, global_batch_size=cfg.batch_size * per_step,
-                micro_batches_per_epoch=micro_batches_per_epoch)
-
-
-def resolve_fused(setting: bool | str, device: torch.device, strategy: str) -> bool:
-    """`fused_kernels: auto` is on where CUDA and Triton run (not under FSDP); true/false are kept."""
-    if setting != "auto":
-        return bool(setting)
-    if device.type != "cuda" or strategy == "fsdp":
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def step_kind(cfg: TrainConfig, fused: bool, device: torch.device, strategy: str, seeded: bool) -> tuple[str, str]:
-    """Which micro-batch step the run takes, and why not a faster one (logged once, in the start event):
-    'cuda_graph' (bucketed, replayed), 'bucketed' (the same step without capture), 'eager_fused', 'eager'."""
-    if not fused:
-        return "eager", ""
-    if cfg.cuda_graph is False:
-        return "eager_fused", "cuda_graph: false"
-    on_gpu = device.type == "cuda"
-    blockers = [why for cond, why in ((cfg.packing, "packing"), (strategy == "fsdp", "FSDP"), (cfg.use_dora, "DoRA"),
-                                      (cfg.gradient_checkpointing, "gradient checkpointing"),
-                                      (on_gpu and cfg.lora_dropout > 0 and not seeded,
-                                       "LoRA dropout without Triton's seeded masks (torch's RNG is not replayed)"))
-                if cond]
-    if blockers:
-        return "eager_fused", "no CUDA graph with " + ", ".join(blockers)
-    if on_gpu:
-        return "cuda_graph", ""
-    if cfg.cuda_graph is True:
-        return "bucketed", "no CUDA on this device: the bucketed step runs without capture"
-    return "eager_fused", "CUDA graphs need a GPU"
 
 
 def _inputs_guard(cfg: TrainConfig, config_path: str | Path | None) -> None:
@@ -293,7 +226,7 @@ class Trainer:
                              "world_size": plan.world_size, "global_batch_size": plan.global_batch_size,
                              "learning_rate": cfg.learning_rate, "distributed": self.strategy,
                              "device": str(self.device), "micro_batches_per_epoch": plan.micro_batches_per_epoch,
-                             "packing": bool(cfg.packing), "fused_kernels": self.fused, "step": self.step_kind,
+                             "packing": bool(cfg.packing), "fused_kernels": self.fused, "step_kind": self.step_kind,
                              **({"step_fallback": self.step_reason} if self.step_reason else {})})
         log.info("effective warmup: %d of %d steps (max(warmup_steps=%d, ceil(%.3g x %d)))",
                  plan.warmup_steps, plan.total_steps, cfg.warmup_steps, cfg.warmup_ratio, plan.total_steps)
