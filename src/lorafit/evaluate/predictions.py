@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from ..errors import DataError
-from ..readers import json_limit
+from ..data.readers import json_limit
 from .metrics import score_predictions
 
 Label = str | list[str]

@@ -11,7 +11,7 @@ import random
 from typing import Any
 
 from .. import data as D
-from ..kernels.packing import pack_batch, plan_packs
+from ..data.packing import pack_batch, plan_packs
 
 __all__ = ["PackedStream", "Stream", "batch_tokens", "epoch_order"]
 

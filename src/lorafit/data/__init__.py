@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from .errors import DataError
+from ..errors import DataError
 from .readers import json_limit, read_text, records_csv, records_json
 
 ALIASES = {

@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Any, Iterable
 
-from .errors import DataError
+from ..errors import DataError
 
 
 def read_text(path: Path) -> str:
