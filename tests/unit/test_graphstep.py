@@ -103,3 +103,36 @@ def test_killed_bucketed_run_resumes_bit_identically(tmp_path, tiny_model_dir, m
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     drop = lambda L: [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in L if r.get("event") != "resume"]
     assert drop(_log(ref.run_dir)) == drop(_log(res.run_dir))
+
+
+def test_disk_full_during_training_is_one_line_and_resumable(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    """ENOSPC in a checkpoint write: exit 2 naming the path, the lock released; the same command resumes."""
+    import errno
+    import os
+
+    from lorafit.cli import main
+    from lorafit.training import checkpoint as C
+
+    cfg = _cfg(tmp_path, tiny_model_dir, "full", val_data={})
+    real = C.save_checkpoint
+    calls = {"n": 0}
+
+    def full_disk(root, step, **kw):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(root / f"step-{step}"))
+        return real(root, step, **kw)
+
+    monkeypatch.setattr(C, "save_checkpoint", full_disk)
+    import yaml
+
+    path = tmp_path / "full.yaml"
+    path.write_text(yaml.safe_dump({k: v for k, v in cfg.to_dict().items() if v is not None and k not in
+                                    ("effective_warmup_steps", "total_steps", "global_batch_size", "world_size")}))
+    assert main(["train", str(path), "--no-progress"]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("lorafit: error")]
+    assert len(err) == 1 and "disk full while writing" in err[0] and "step-4" in err[0]
+    assert not (tmp_path / "full" / ".lock").exists() and not (tmp_path / "full" / "adapter").exists()
+    monkeypatch.setattr(C, "save_checkpoint", real)
+    assert main(["train", str(path), "--no-progress"]) == 0
+    assert any('"resume"' in ln for ln in (tmp_path / "full" / "log.jsonl").read_text().splitlines())

@@ -9,6 +9,7 @@ index, not of the process, so N processes compute what one process with N-fold a
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import math
 import os
@@ -453,6 +454,13 @@ def train(cfg: TrainConfig, *, progress: bool = True, config_path: str | Path | 
     trainer = Trainer(cfg, progress=progress, config_path=config_path)
     try:
         return trainer.run()
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        # The last checkpoint is intact (written atomically); the same command resumes once there is room.
+        raise TrainingError(f"disk full while writing {e.filename or cfg.output_dir}; free space and run the same "
+                            "command again: it resumes from the last complete checkpoint",
+                            file=str(e.filename or cfg.output_dir)) from None
     finally:
         trainer.close()
         dist.cleanup()
