@@ -2,7 +2,7 @@
 
     python benchmarks/bench_diagnose.py [--seed 0] [--seeds 1] [--per-kind 25] [--healthy 60]
 
-Generates the suite (lorafit.diagnose.synthetic: exponential-decay losses with per-example log-normal
+Generates the suite (lorafit.diagnosis.synthetic: exponential-decay losses with per-example log-normal
 noise, varied lengths, logging/eval intervals, batch sizes, noise levels, schedules and seeds; 10% of
 logs without lr/grad_norm, 10% without a config), runs `diagnose_records` on each log and prints
 precision and recall per kind. A kind counts as detected when a finding of that kind has severity
@@ -20,8 +20,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from lorafit.diagnose import diagnose_records
-from lorafit.diagnose.synthetic import SCORED_KINDS, SyntheticRun, benchmark_suite
+from lorafit.diagnosis import diagnose_records
+from lorafit.diagnosis.synthetic import SCORED_KINDS, SyntheticRun, benchmark_suite
 
 FIXED_SPIKES = [200, 400, 1400, 2000]
 

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from lorafit.data import ensure_template, read_examples, render_prompt
-from lorafit.evaluate import generate_batched, generate_sequential
+from lorafit.evaluation import generate_batched, generate_sequential
 from lorafit.model import builtin_model_path, load_model, load_tokenizer, pick_device, pick_dtype
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from lorafit.evaluate.benchmarks import build_prompt, compare_benchmarks, load_benchmark
+from lorafit.evaluation.benchmarks import build_prompt, compare_benchmarks, load_benchmark
 from lorafit.model import builtin_model_path, load_model, load_tokenizer, pick_device
 
 ROOT = Path(__file__).resolve().parents[1]

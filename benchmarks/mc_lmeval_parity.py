@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import yaml
 
-from lorafit.evaluate.benchmarks import LETTERS, build_prompt, load_benchmark, score_benchmark
+from lorafit.evaluation.benchmarks import LETTERS, build_prompt, load_benchmark, score_benchmark
 from lorafit.model import builtin_model_path, load_model, load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -5,7 +5,7 @@
 
 Each argument is a run folder with its trained adapter (RUN/adapter/; the committed runs have none: retrain
 them with experiments/run.py first). The base is loaded once per run with the adapter on top, and
-`lorafit.evaluate.benchmarks.compare_benchmarks` scores base (adapter disabled) and tuned (adapter on) on
+`lorafit.evaluation.benchmarks.compare_benchmarks` scores base (adapter disabled) and tuned (adapter on) on
 each benchmark folder, exactly as `lorafit eval RUN --benchmarks ...` does. Written:
 - RUN/eval/benchmark-<name>-<k>shot.jsonl: every question's letters and log-likelihoods, base and tuned;
 - RUN/eval/metrics.json gains (or replaces) its "benchmarks" entry, and metrics.md is redrawn, so
@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from lorafit.evaluate.benchmarks import compare_benchmarks, load_benchmarks
-from lorafit.evaluate.table import metrics_table_md
+from lorafit.evaluation.benchmarks import compare_benchmarks, load_benchmarks
+from lorafit.evaluation.table import metrics_table_md
 from lorafit.model import builtin_model_path, check_adapter, load_adapter, load_model, load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]

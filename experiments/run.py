@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from lorafit import api as lorafit  # the API functions (lorafit.evaluate etc. are also subpackages)
+import lorafit
 from lorafit.errors import TrainingError
 from lorafit.model import builtin_model_path
 

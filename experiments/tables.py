@@ -4,7 +4,7 @@
 
 Every number printed comes from the JSON the runs wrote; nothing is typed in by hand. Intervals are
 recomputed from the committed predictions (results/runs/<name>/eval/predictions-*.jsonl) with
-lorafit's own paired bootstrap (lorafit.evaluate.stats: 2,000 resamples over prompts, seed 0): every
+lorafit's own paired bootstrap (lorafit.evaluation.stats: 2,000 resamples over prompts, seed 0): every
 delta, and "gain kept" / "degradation cut" as ratios of paired deltas resampled jointly over the same
 prompts (the runs answered the same test sets).
 """
@@ -15,10 +15,10 @@ import json
 from functools import lru_cache
 from pathlib import Path
 
-from lorafit.evaluate.metrics import ExampleStats, example_stats
-from lorafit.evaluate.predictions import iter_json_objects, read_predictions
-from lorafit.evaluate.stats import joint_ci, loss_stats, paired_summary
-from lorafit.evaluate.table import fmt_delta
+from lorafit.evaluation.metrics import ExampleStats, example_stats
+from lorafit.evaluation.predictions import iter_json_objects, read_predictions
+from lorafit.evaluation.stats import joint_ci, loss_stats, paired_summary
+from lorafit.evaluation.table import fmt_delta
 
 KEYS = ("rouge-1", "rouge-2", "rouge-l", "bleu-4")
 RUNS = Path(__file__).resolve().parents[1] / "results" / "runs"
@@ -145,7 +145,7 @@ def general_row(run: str) -> list[str]:
 
 def health_table(names: list[str]) -> list[str]:
     """Generation health of the committed predictions (no_eos needs generation-time data: not in these files)."""
-    from lorafit.evaluate.predictions import health_file
+    from lorafit.evaluation.predictions import health_file
 
     fields = ("repetition", "empty", "template_leak", "language_mismatch", "length_ratio")
     out = ["| run | set | model | " + " | ".join(fields) + " |", "|---|---|---|" + "---:|" * len(fields)]

@@ -1,20 +1,33 @@
 """lorafit: LoRA fine-tuning that tells you, with evidence, whether the fine-tune worked.
 
 The public API (what the `lorafit` command wraps): train, generate, merge, evaluate, score,
-diagnose, report, demo; the config schema is `lorafit.config.TrainConfig`.
+diagnose, report, demo; the config schema is `lorafit.config.TrainConfig`. The work lives in
+subpackages named for what they are (`training`, `evaluation`, `diagnosis`, `reporting`, `blind`,
+`kernels`), so no API function shares a name with a module.
+
+Names are imported on first use (a module `__getattr__`, as litgpt does): `import lorafit` stays
+cheap and never loads torch's GPU kernels or Triton.
 """
-# `lorafit.evaluate`, `lorafit.diagnose` and `lorafit.report` name both an API function and the
-# subpackage behind it. Python binds a subpackage onto its parent the first time it is imported, so
-# the subpackages are imported here, before the API names are bound; later imports find them loaded
-# and leave `lorafit.evaluate` etc. as the functions users call.
-from . import diagnose as _diagnose_pkg  # noqa: F401
-from . import evaluate as _evaluate_pkg  # noqa: F401
-from . import report as _report_pkg  # noqa: F401
-from . import training as _training_pkg  # noqa: F401
-from .api import demo, diagnose, evaluate, generate, merge, report, score, train
-from .config import TrainConfig, load_config
-from .errors import ConfigError, DataError, LorafitError, RunError, TrainingError
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["ConfigError", "DataError", "LorafitError", "RunError", "TrainConfig", "TrainingError", "demo",
-           "diagnose", "evaluate", "generate", "load_config", "merge", "report", "score", "train"]
+
+_API = ("demo", "diagnose", "evaluate", "generate", "merge", "report", "score", "train")
+_LAZY = {**{name: "api" for name in _API}, "TrainConfig": "config", "load_config": "config",
+         **{name: "errors" for name in ("ConfigError", "DataError", "LorafitError", "RunError", "TrainingError")}}
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'lorafit' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -47,7 +47,7 @@ def train(config: TrainConfig | str | Path | dict, overrides: list[str] | dict |
             log.warning("diagnosis after training failed: %s", e)
             findings = None
         try:
-            from .report import plot_loss
+            from .reporting import plot_loss
 
             plot_loss(result.run_dir, findings)
         except Exception as e:  # a plot must never cost the user a finished run
@@ -89,8 +89,8 @@ def evaluate(run: str | Path, *, checkpoints: bool = False, select: bool = False
     ``select``: pick one within the forgetting budget and export RUN/selected-adapter/. Both return that table."""
     _counts(**{f"--{k.replace('_', '-')}": kwargs.get(k) for k in ("max_new_tokens", "batch_size", "max_samples")})
     if checkpoints or select:
-        from .evaluate import checkpoints_and_select
-        from .report import plot_checkpoints
+        from .evaluation import checkpoints_and_select
+        from .reporting import plot_checkpoints
 
         kwargs.pop("flips", None)
         kwargs.pop("shots", None)
@@ -102,7 +102,7 @@ def evaluate(run: str | Path, *, checkpoints: bool = False, select: bool = False
         table = checkpoints_and_select(_run_dir(run), evaluate=checkpoints, choose=select, **kwargs)
         plot_checkpoints(run)
         return table
-    from .evaluate import evaluate_run
+    from .evaluation import evaluate_run
     from .model import check_adapter
 
     check_adapter(_run_dir(run) / "adapter", "evaluate")  # before minutes of loading and generating with the base
@@ -111,7 +111,7 @@ def evaluate(run: str | Path, *, checkpoints: bool = False, select: bool = False
 
 def score(predictions: str | Path, *, mode: str = "llamafactory", lang: str | None = None) -> dict:
     """The four scores of a predictions file, plus its generation health under "health"."""
-    from .evaluate import health_file, score_file
+    from .evaluation import health_file, score_file
 
     return {**score_file(predictions, mode=mode, lang=lang), "health": health_file(predictions)}
 
@@ -120,7 +120,7 @@ def diagnose(run: str | Path, *, write_config: str | Path | None = None, quiet: 
              config: str | Path | None = None) -> list:
     """Findings for a lorafit run folder, a LLaMA-Factory or HF Trainer output folder, or one of their log
     files; `config` is the launch YAML when it is not in the folder (LLaMA-Factory's, for its runs)."""
-    from .diagnose import diagnose_run
+    from .diagnosis import diagnose_run
 
     return diagnose_run(run, write_config=None if write_config is None else str(write_config), config=config)
 
@@ -128,13 +128,13 @@ def diagnose(run: str | Path, *, write_config: str | Path | None = None, quiet: 
 def evaluate_adapter(model: str, adapter: str | Path, val: dict[str, str | Path], out: str | Path, *,
                      general: str | Path | None = None, **kwargs: Any) -> dict:
     """Base vs base+adapter for any PEFT adapter (LLaMA-Factory, HF Trainer, Unsloth), no run folder needed."""
-    from .evaluate.foreign import evaluate_adapter as _evaluate_adapter
+    from .evaluation.foreign import evaluate_adapter as _evaluate_adapter
 
     return _evaluate_adapter(model, adapter, val, out, general=general, **kwargs)
 
 
 def report(run: str | Path, *, study: str | Path | None = None) -> tuple[Path, Path]:
-    from .report import write_report
+    from .reporting import write_report
 
     study_res = None
     if study is not None:
@@ -143,7 +143,7 @@ def report(run: str | Path, *, study: str | Path | None = None) -> tuple[Path, P
         study_res = results(study)
     if not Path(run).is_dir():   # a lorafit run folder, or another tool's output folder (diagnose reads both)
         raise RunError("not a folder: pass a run folder or a LLaMA-Factory / HF Trainer output folder", file=str(run))
-    from .diagnose.sources import load_source
+    from .diagnosis.sources import load_source
 
     load_source(run)  # the same checks as `diagnose`: an empty, binary or foreign-less log is exit 2, not a report
     return write_report(Path(run), study=study_res)

@@ -189,7 +189,7 @@ def _run(args: argparse.Namespace, extra: list[str], argv: list[str]) -> int:
             print("  ".join(f"{k}: {res[k]:.2f}" for k in ("rouge-1", "rouge-2", "rouge-l", "bleu-4")))
             print("health: " + "  ".join(f"{k}: {'–' if v is None else round(v, 3)}" for k, v in health.items()))
     elif args.cmd == "diagnose":
-        from .diagnose import format_findings
+        from .diagnosis import format_findings
 
         findings = api.diagnose(args.run, write_config=args.write_config, config=args.config)
         print(format_findings(findings))

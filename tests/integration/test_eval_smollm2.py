@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lorafit.config import load_config, save_config
-from lorafit.evaluate import evaluate_run, score_file
+from lorafit.evaluation import evaluate_run, score_file
 from lorafit.model import apply_lora
 
 pytestmark = pytest.mark.integration

@@ -303,7 +303,7 @@ def test_unreachable_hub_model(capsys, tmp_path):
 
 @pytest.mark.parametrize("name,line,field,fragment", PREDICTION_CASES, ids=[c[0] for c in PREDICTION_CASES])
 def test_bad_predictions_file(capsys, name, line, field, fragment):
-    pytest.importorskip("lorafit.evaluate")
+    pytest.importorskip("lorafit.evaluation")
     path = BAD / "predictions" / name
     rc = main(["score", str(path)])
     msg = _error_line(rc, capsys.readouterr().err)
@@ -311,6 +311,6 @@ def test_bad_predictions_file(capsys, name, line, field, fragment):
 
 
 def test_missing_predictions_file(capsys, tmp_path):
-    pytest.importorskip("lorafit.evaluate")
+    pytest.importorskip("lorafit.evaluation")
     rc = main(["score", str(tmp_path / "nope.jsonl")])
     _check(_error_line(rc, capsys.readouterr().err), str(tmp_path / "nope.jsonl"), None, None, "not found")

@@ -13,9 +13,9 @@ import torch
 
 from lorafit.cli import main
 from lorafit.errors import ConfigError, DataError
-from lorafit.evaluate.benchmarks import (accuracy_summary, benchmarks_table_md, build_prompt, choice_loglikelihoods,
+from lorafit.evaluation.benchmarks import (accuracy_summary, benchmarks_table_md, build_prompt, choice_loglikelihoods,
                                          compare_benchmarks, encode_pair, load_benchmark, loglikelihood_reference)
-from lorafit.evaluate.stats import bootstrap_weights
+from lorafit.evaluation.stats import bootstrap_weights
 
 EN = [{"subject": "global_facts", "question": "Which is largest?\n", "choices": ["Mars", "Earth ", "Jupiter", "Moon"],
        "answer": "C"},
@@ -99,7 +99,7 @@ def test_cli_bad_benchmark_is_one_line_exit_2_before_the_model_loads(tmp_path, c
     (run / "adapter").mkdir(parents=True)
     (run / "config.yaml").write_text(f"model: HuggingFaceTB/SmolLM2-135M-Instruct\ndata: {data}\nval_size: 2\n")
     monkeypatch.setattr("lorafit.model.check_adapter", lambda *a, **k: None)
-    run_module = importlib.import_module("lorafit.evaluate.run")  # (lorafit.evaluate is also the API function)
+    run_module = importlib.import_module("lorafit.evaluation.run")
     for name in ("load_model", "load_tokenizer"):
         monkeypatch.setattr(run_module, name, lambda *a, **k: pytest.fail("the model loaded before the benchmark was checked"))
     rc = main(["eval", str(run), "--benchmarks", str(tmp_path / "nope")])
@@ -201,7 +201,7 @@ def test_base_and_tuned_from_one_load(tiny, mmlu, tmp_path, tiny_model_dir):
 
 
 def _series(general: list[float] | None = None):
-    from lorafit.diagnose.records import RunSeries
+    from lorafit.diagnosis.records import RunSeries
 
     evals = {} if general is None else {"general": (np.arange(1, len(general) + 1) * 10.0, np.array(general))}
     return RunSeries(np.arange(1.0, 41), np.linspace(2, 1, 40), None, None, None, [], evals, [],
@@ -214,7 +214,7 @@ def _metrics(delta: float, ci: list[float]) -> dict:
 
 
 def test_diagnose_forgetting_uses_benchmark_drop_and_its_interval():
-    from lorafit.diagnose.generalization import detect_forgetting
+    from lorafit.diagnosis.generalization import detect_forgetting
 
     f = detect_forgetting(_series([2.0, 2.01]), _metrics(-0.061, [-0.085, -0.038]))
     assert f is not None and f.severity == "critical"
@@ -227,8 +227,8 @@ def test_diagnose_forgetting_uses_benchmark_drop_and_its_interval():
 
 
 def test_report_section_lists_overall_and_subjects():
-    from lorafit.report.benchmarks import benchmark_blocks
-    from lorafit.report.render import to_html
+    from lorafit.reporting.benchmarks import benchmark_blocks
+    from lorafit.reporting.render import to_html
 
     s = accuracy_summary({"base": [1, 0, 1, 0], "tuned": [1, 1, 1, 0]}, ["营养学", "营养学", "b", "b"])
     blocks = benchmark_blocks({"benchmarks": {"cmmlu-zh": {"path": "x", "5-shot": s}}})

@@ -9,7 +9,7 @@ import torch
 
 from lorafit.config import load_config
 from lorafit.demoset import write_demo_data
-from lorafit.evaluate.checkpoints import checkpoints_table_md, select
+from lorafit.evaluation.checkpoints import checkpoints_table_md, select
 
 
 def _table(rows, base_general=2.0, budget=0.02):

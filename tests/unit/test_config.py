@@ -79,7 +79,7 @@ def test_api_names_stay_functions_after_subpackage_imports():
 
     import lorafit
 
-    for mod in ("lorafit.evaluate.run", "lorafit.diagnose.detectors", "lorafit.report.plots", "lorafit.training.loop"):
+    for mod in ("lorafit.evaluation.run", "lorafit.diagnosis.detectors", "lorafit.reporting.plots", "lorafit.training.loop"):
         importlib.import_module(mod)
     for name in ("train", "evaluate", "diagnose", "report", "generate", "merge", "score", "demo"):
         assert callable(getattr(lorafit, name)), name

@@ -1,4 +1,4 @@
-"""lorafit.diagnose: each detector on small crafted logs (positive and negative), the run-folder
+"""lorafit.diagnosis: each detector on small crafted logs (positive and negative), the run-folder
 contract (diagnosis.json, --write-config), and robustness to partial or older logs."""
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from lorafit.config import load_config, save_config
-from lorafit.diagnose import diagnose_records, diagnose_run, format_findings, merge_patches
-from lorafit.diagnose.findings import Finding
-from lorafit.diagnose.synthetic import SCORED_KINDS, benchmark_suite, generate
+from lorafit.diagnosis import diagnose_records, diagnose_run, format_findings, merge_patches
+from lorafit.diagnosis.findings import Finding
+from lorafit.diagnosis.synthetic import SCORED_KINDS, benchmark_suite, generate
 from lorafit.errors import RunError
 
 CFG = {"batch_size": 4, "gradient_accumulation_steps": 2, "logging_steps": 10, "eval_steps": 100,
@@ -44,7 +44,7 @@ def make_log(T: int = 3000, L: int = 10, M: int = 100, noise: float = 0.03, lr: 
 
 
 def kinds(findings: list[Finding], at_least: str = "warning") -> set[str]:
-    from lorafit.diagnose.findings import SEVERITIES
+    from lorafit.diagnosis.findings import SEVERITIES
 
     return {f.kind for f in findings if SEVERITIES.index(f.severity) >= SEVERITIES.index(at_least)}
 

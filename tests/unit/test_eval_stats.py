@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lorafit.evaluate.metrics import example_stats, mean_stats
-from lorafit.evaluate.stats import (RESAMPLES, delta_ci, joint_ci, loss_stats, paired_summary, permutation_p,
+from lorafit.evaluation.metrics import example_stats, mean_stats
+from lorafit.evaluation.stats import (RESAMPLES, delta_ci, joint_ci, loss_stats, paired_summary, permutation_p,
                                     percentile_ci)
 
 

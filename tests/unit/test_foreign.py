@@ -14,8 +14,8 @@ import yaml
 
 from lorafit.cli import main
 from lorafit.config import load_config, save_config
-from lorafit.diagnose import diagnose_records, diagnose_run, format_findings, load_source
-from lorafit.diagnose.synthetic import generate
+from lorafit.diagnosis import diagnose_records, diagnose_run, format_findings, load_source
+from lorafit.diagnosis.synthetic import generate
 from lorafit.errors import ConfigError, RunError
 
 # Field names of LLaMA-Factory's argument dataclasses that --write-config may emit, read from its source

@@ -9,7 +9,7 @@ import torch
 from lorafit.config import load_config, save_config
 from lorafit.data import Example, ensure_template, render_prompt
 from lorafit.errors import RunError
-from lorafit.evaluate import KEYS, evaluate_run, generate_batched, generate_sequential, reference_loss
+from lorafit.evaluation import KEYS, evaluate_run, generate_batched, generate_sequential, reference_loss
 from lorafit.model import apply_lora, load_model, load_tokenizer
 
 QUESTIONS = ["hi", "What is the capital of France?", "Explain LoRA in one long sentence with many words, please.",
@@ -125,7 +125,7 @@ def test_max_eval_samples_caps_prompts_not_reference_rows(fake_run):
     # 'dom' has 4 rows but 3 prompts (the first has two references): a cap of 2 must give 2 prompts,
     # the first with both references, not the 2 rows of the first prompt.
     from lorafit.config import load_config
-    from lorafit.evaluate.run import _eval_sets
+    from lorafit.evaluation.run import _eval_sets
 
     run, _ = fake_run
     cfg = load_config(run / "config.yaml", {"max_eval_samples": 2})

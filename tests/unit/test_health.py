@@ -7,9 +7,9 @@ import json
 import pytest
 
 from lorafit.cli import main
-from lorafit.diagnose import diagnose_records
-from lorafit.diagnose.health import detect_generation_health
-from lorafit.evaluate.health import has_leak, has_loop, health
+from lorafit.diagnosis import diagnose_records
+from lorafit.diagnosis.health import detect_generation_health
+from lorafit.evaluation.health import has_leak, has_loop, health
 
 ROWS = [  # (prompt, answer, reference): problems marked
     ("How do I return a bike?", "Open a return at lumen.example/returns within 45 days.",

@@ -14,8 +14,8 @@ from rouge_chinese import Rouge
 from rouge_score import rouge_scorer
 
 from lorafit.errors import DataError, LorafitError
-from lorafit.evaluate import KEYS, detect_lang, metrics_table_md, score_file, score_predictions
-from lorafit.evaluate.metrics import WhitespaceTokenizer, segment_zh
+from lorafit.evaluation import KEYS, detect_lang, metrics_table_md, score_file, score_predictions
+from lorafit.evaluation.metrics import WhitespaceTokenizer, segment_zh
 
 jieba.setLogLevel(logging.CRITICAL)
 

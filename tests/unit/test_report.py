@@ -1,4 +1,4 @@
-"""lorafit.report: loss.png and report.html/report.md from fake run folders, full and partial."""
+"""lorafit.reporting: loss.png and report.html/report.md from fake run folders, full and partial."""
 from __future__ import annotations
 
 import json
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from lorafit.config import load_config, save_config
-from lorafit.diagnose.synthetic import generate
-from lorafit.report import plot_loss, study_tables, write_report
+from lorafit.diagnosis.synthetic import generate
+from lorafit.reporting import plot_loss, study_tables, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 METRICS = {"mode": "llamafactory", "sets": {

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from lorafit.evaluate.run import EvalSet, Measured, compare
-from lorafit.evaluate.table import metrics_table_md
-from lorafit.report import write_report
+from lorafit.evaluation.run import EvalSet, Measured, compare
+from lorafit.evaluation.table import metrics_table_md
+from lorafit.reporting import write_report
 
 ROOT = Path(__file__).resolve().parents[2]
 QUESTIONS = ["How do I return a bike?", "我想退货，怎么办？", "How do I track my order?", "请问如何预约维修？",

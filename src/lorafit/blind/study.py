@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ConfigError, DataError, LorafitError, RunError
-from ..evaluate.predictions import iter_json_objects, label_field, string_field
+from ..evaluation.predictions import iter_json_objects, label_field, string_field
 from . import store
 
 

@@ -8,8 +8,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..evaluate.health import FIELDS
-from ..evaluate.table import fmt_delta, fmt_p
+from ..evaluation.health import FIELDS
+from ..evaluation.table import fmt_delta, fmt_p
 
 METRICS = ("rouge-1", "rouge-2", "rouge-l", "bleu-4")
 

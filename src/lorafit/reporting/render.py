@@ -13,9 +13,9 @@ import math
 from pathlib import Path
 from typing import Any, Union
 
-from ..diagnose import Finding, diagnose_records, read_run
-from ..diagnose.findings import SEVERITIES, format_patch, format_steps, sort_findings
-from ..diagnose.records import RunSeries, build_series
+from ..diagnosis import Finding, diagnose_records, read_run
+from ..diagnosis.findings import SEVERITIES, format_patch, format_steps, sort_findings
+from ..diagnosis.records import RunSeries, build_series
 from ..errors import RunError
 from .benchmarks import benchmark_blocks
 from .evaluation import checkpoint_blocks, flips_blocks, health_blocks, metrics_blocks

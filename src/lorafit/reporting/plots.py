@@ -12,9 +12,9 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from ..diagnose import Finding, diagnose_records, read_run, spikes_of
-from ..diagnose.records import RunSeries, build_series
-from ..diagnose.stats import ema
+from ..diagnosis import Finding, diagnose_records, read_run, spikes_of
+from ..diagnosis.records import RunSeries, build_series
+from ..diagnosis.stats import ema
 
 SPLIT_COLORS = ["#d62728", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
 
