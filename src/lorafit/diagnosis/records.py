@@ -147,13 +147,17 @@ def schedule_shape(x: np.ndarray, kind: Any, warmup: int, total: int, min_ratio:
     return out
 
 
-def _num(v: Any) -> float | None:
+def as_number(v: Any) -> float | None:
+    """A log value as a float, or None (booleans, null and text are not numbers), for every reader."""
     if isinstance(v, bool) or v is None:
         return None
     try:
         return float(v)
     except (TypeError, ValueError):
         return None
+
+
+_num = as_number
 
 
 def read_log(path: str | Path) -> list[dict[str, Any]]:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import RunError
+from .records import as_number as _num
 from .toolconfig import lorafit_config, tool_config
 
 LORAFIT, LLAMAFACTORY, HF = "lorafit", "llamafactory", "hf_trainer"
@@ -121,15 +122,6 @@ def sniff(rows: list[dict[str, Any]]) -> str | None:
     if any("step" in r and ("loss" in r or any(_EVAL_KEY.fullmatch(k) for k in r)) for r in rows):
         return HF
     return None
-
-
-def _num(v: Any) -> float | None:
-    if isinstance(v, bool) or v is None:
-        return None
-    try:
-        return float(v)
-    except (TypeError, ValueError):
-        return None
 
 
 def from_llamafactory(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

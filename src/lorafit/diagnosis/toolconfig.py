@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from .records import as_number as _num
 
 # tool key -> (lorafit key, integer?)
 NUMBERS = {
@@ -32,15 +33,6 @@ HF_DEFAULTS = {"learning_rate": 5e-5, "num_train_epochs": 3.0, "per_device_train
 LF_DEFAULTS = {**HF_DEFAULTS, "lora_dropout": 0.0, "lora_rank": 8, "cutoff_len": 2048}
 SCHEDULERS = {"linear": "linear", "cosine": "cosine", "cosine_with_min_lr": "cosine", "constant": "constant",
               "constant_with_warmup": "constant", "inverse_sqrt": "inverse_sqrt"}
-
-
-def _num(v: Any) -> float | None:
-    if isinstance(v, bool) or v is None:
-        return None
-    try:
-        return float(v)
-    except (TypeError, ValueError):
-        return None
 
 
 def coerce_number(value: Any, name: str, file: Path | None, line: int | None, integer: bool = False) -> float | int:

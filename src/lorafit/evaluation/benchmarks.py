@@ -29,6 +29,7 @@ import torch
 
 from ..errors import ConfigError, DataError
 from .metrics import detect_lang, mean_stats
+from .predictions import iter_json_objects
 from .stats import bootstrap_weights, paired_summary, percentile_ci, resampled
 
 LETTERS = "ABCDEFGHIJ"
@@ -110,20 +111,10 @@ def load_benchmark(path: str | Path, shots: Sequence[int] = (0,)) -> Benchmark:
 
 
 def _read_questions(path: Path) -> list[MCQuestion]:
+    """A benchmark's JSON lines, read by the one JSONL reader (bad bytes, bad JSON, non-objects: DataError
+    naming the file and line), then checked field by field."""
     out = []
-    for i, raw in enumerate(path.read_bytes().splitlines(), 1):
-        try:
-            line = raw.decode("utf-8-sig" if i == 1 else "utf-8")
-        except UnicodeDecodeError as e:
-            raise DataError(f"not valid UTF-8 (byte {e.start} of the line)", file=str(path), line=i) from None
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"not valid JSON ({e.msg}, column {e.colno})", file=str(path), line=i) from None
-        if not isinstance(rec, dict):
-            raise DataError(f"expected a JSON object, got {type(rec).__name__}", file=str(path), line=i)
+    for i, rec in iter_json_objects(path, what="questions"):
         for key in ("subject", "question"):
             if not isinstance(rec.get(key), str) or not rec[key].strip():
                 raise DataError("missing or empty string", file=str(path), line=i, field=key)
@@ -137,8 +128,6 @@ def _read_questions(path: Path) -> list[MCQuestion]:
             raise DataError(f"expected one of {', '.join(letters)}, got {answer!r}", file=str(path), line=i,
                             field="answer")
         out.append(MCQuestion(rec["subject"], rec["question"], tuple(choices), letters.index(answer), i))
-    if not out:
-        raise DataError("no questions (empty file)", file=str(path))
     return out
 
 

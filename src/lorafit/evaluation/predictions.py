@@ -32,7 +32,7 @@ def write_predictions(path: str | Path, prompts: Sequence[str], preds: Sequence[
     return path
 
 
-def iter_json_objects(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
+def iter_json_objects(path: str | Path, what: str = "predictions") -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, object) for each non-blank line of a predictions file.
 
     The one reader of predictions files (scoring and the blind test both use it): bad bytes, bad JSON
@@ -40,7 +40,7 @@ def iter_json_objects(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """
     path = Path(path)
     if not path.is_file():
-        raise DataError("predictions file not found", file=str(path))
+        raise DataError(f"{what} file not found", file=str(path))
     seen = False
     for i, line_bytes in enumerate(path.read_bytes().splitlines(), 1):
         try:
@@ -61,7 +61,7 @@ def iter_json_objects(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
         seen = True
         yield i, rec
     if not seen:
-        raise DataError("no predictions (empty file)", file=str(path))
+        raise DataError(f"no {what} (empty file)", file=str(path))
 
 
 def read_predictions(path: str | Path) -> tuple[list[str], list[Label]]:
