@@ -239,3 +239,21 @@ def test_seeded_dropout_size_limit_is_a_config_error():
     with pytest.raises(ConfigError) as e:
         _check_seeded_dropout_size(wide, llama8b)
     assert e.value.field == "batch_size"
+
+
+def test_docs_run_folder_lists_every_record_field_the_trainer_writes(trained):
+    """docs/run-folder.md cannot drift from what `lorafit train` writes: every record type, event name and
+    field of a real run's log.jsonl, and every top-level entry of its run folder, is named in the doc."""
+    import re
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "run-folder.md").read_text(encoding="utf-8")
+    named = set(re.findall(r"`([^`]+)`", doc)) | set(re.findall(r'"(\w+)"', doc))
+    named |= {w.strip("`/") for w in named} | {w.split("/")[0] for w in named}
+    missing = set()
+    for r in records(trained):
+        missing |= {f"{r['type']} record field '{k}'" for k in r if k not in named}
+        if r["type"] == "event" and r["event"] not in named:
+            missing.add(f"event '{r['event']}'")
+    missing |= {f"run-folder entry '{p.name}'" for p in trained.iterdir() if p.name.strip("/") not in named}
+    assert not missing, sorted(missing)
