@@ -31,6 +31,9 @@ RESUMABLE_KEYS: frozenset[str] = frozenset({
     "eval_batch_size", "max_eval_samples", "max_new_tokens", "metric_mode", "benchmarks", "forgetting_budget",
     # where and how the same computation runs (checkpoints are independent of the process count)
     "device", "dist_timeout", "distributed", "gradient_checkpointing", "report_to",
+    # how the step runs: the fused kernels and the graph step compute the same update (up to float noise
+    # and which dropout masks are drawn); a run started before `auto` became the default resumes unchanged
+    "fused_kernels", "cuda_graph",
     # the folder itself: it may have been moved since the run started
     "output_dir",
 })
