@@ -402,6 +402,7 @@ def _resolve_paths(cfg: TrainConfig, base: Path) -> TrainConfig:
         val_data={k: _fix_keep_fragment(fix, v) for k, v in cfg.val_data.items()},
         general_eval=None if cfg.general_eval is None else fix(cfg.general_eval),
         general_data=[fix(d) for d in cfg.general_data],
+        benchmarks=[fix(b) for b in cfg.benchmarks],
     )
 
 

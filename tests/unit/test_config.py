@@ -83,3 +83,13 @@ def test_api_names_stay_functions_after_subpackage_imports():
         importlib.import_module(mod)
     for name in ("train", "evaluate", "diagnose", "report", "generate", "merge", "score", "demo"):
         assert callable(getattr(lorafit, name)), name
+
+
+def test_benchmark_paths_resolve_against_the_config_file(tmp_path):
+    """Like data paths: a config names its benchmark folders relative to itself."""
+    from lorafit.config import load_config
+
+    (tmp_path / "proj" / "bench" / "mmlu-en").mkdir(parents=True)
+    p = tmp_path / "proj" / "c.yaml"
+    p.write_text("model: org/m\ndata: a.json\nbenchmarks: [bench/mmlu-en]\n")
+    assert load_config(p).benchmarks == [str((tmp_path / "proj" / "bench" / "mmlu-en").resolve())]
