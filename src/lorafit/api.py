@@ -173,7 +173,6 @@ def _counts(**options: int | None) -> None:
 
 
 def _run_dir(run: str | Path) -> Path:
-    p = Path(run)
-    if not (p / "config.yaml").is_file():
-        raise RunError("not a run folder (no config.yaml); pass the output_dir of `lorafit train`", file=str(p))
-    return p
+    from .rundir import run_config_path
+
+    return run_config_path(run).parent

@@ -281,7 +281,7 @@ def _coerce(name: str, value: Any, source: str | None, line: int | None) -> Any:
                 return value
             if isinstance(value, str) and value.lower() in ("auto", "true", "false", "1", "0", "yes", "no"):
                 return "auto" if value.lower() == "auto" else value.lower() in ("true", "1", "yes")
-            return _type_error()
+            raise ConfigError(f"expected true, false or auto, got {short(value)}", file=source, line=line, field=name)
         if ftype == "bool":
             if isinstance(value, bool):
                 return value

@@ -252,11 +252,10 @@ def load_run_model(run_dir: str | Path, *, with_adapter: bool = True, device: st
     """(model, tokenizer) for a run folder: the base from its config.yaml, plus its adapter (checked
     before the base loads)."""
     from .config import load_config
+    from .rundir import run_config_path
 
     run_dir = Path(run_dir)
-    cfg_path = run_dir / "config.yaml"
-    if not cfg_path.is_file():
-        raise RunError("not a run folder (no config.yaml)", file=str(run_dir))
+    cfg_path = run_config_path(run_dir)
     cfg = load_config(cfg_path)
     if with_adapter:
         check_adapter(run_dir / "adapter", purpose)

@@ -141,7 +141,7 @@ def test_general_mixing_logged(tiny_model_dir, demo_data, tmp_path):
 def test_second_trainer_on_the_same_folder_is_refused(tiny_model_dir, demo_data, tmp_path):
     from lorafit.errors import ConfigError
     from lorafit.training import train
-    from lorafit.training.loop import lock_output_dir
+    from lorafit.rundir import lock_output_dir
 
     out = tmp_path / "busy"
     held = lock_output_dir(out)  # another process's lock, as far as flock is concerned (separate open)

@@ -19,6 +19,7 @@ from typing import Any, Sequence
 
 from ..config import load_config
 from ..data import Example, build_datasets, ensure_template, group_references, render_prompt
+from ..rundir import run_config_path
 from ..errors import ConfigError, RunError
 from ..model import load_adapter, load_model, load_tokenizer
 from .benchmarks import compare_benchmarks, load_benchmarks
@@ -48,9 +49,7 @@ def evaluate_run(run_dir: str | Path, *, max_new_tokens: int | None = None, batc
     the config's) are multiple-choice folders scored ``shots``-shot (evaluate/benchmarks.py).
     """
     run = Path(run_dir)
-    cfg_path = run / "config.yaml"
-    if not cfg_path.is_file():
-        raise RunError("not a run folder (no config.yaml)", file=str(run))
+    cfg_path = run_config_path(run)
     cfg = load_config(cfg_path)
     mode = mode or cfg.metric_mode
     if mode not in MODES:

@@ -99,11 +99,7 @@ def is_main() -> bool:
 def all_sum(values: list[float], device: torch.device) -> list[float]:
     if world()[2] == 1:
         return values
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    if t.is_cuda:  # wait with the GIL released (the watchdog thread must be able to run), then read
-        torch.cuda.current_stream(t.device).synchronize()
-    return t.tolist()
+    return all_sum_tensor(torch.tensor(values, dtype=torch.float64, device=device))
 
 
 def all_sum_tensor(t: torch.Tensor) -> list[float]:

@@ -30,11 +30,13 @@ from ..model import apply_lora, assert_finite, load_model, load_tokenizer, pick_
 from . import checkpoint as C
 from . import dist
 from .batches import PackedStream, Stream, batch_tokens
-from .runlog import FolderLock, JsonlLog, check_output_dir, finished, lock_output_dir  # noqa: F401 (API)
+from .. import rundir
+from ..rundir import FolderLock, check_output_dir, finished
+from .runlog import JsonlLog
 from .schedule import lr_at
 from .graphstep import BucketedStep
-from .plan import Plan, _check_seeded_dropout_size, make_plan, resolve_fused, step_kind  # noqa: F401 (Plan: API)
-from .step import FusedLoss, evaluate_loss, loss_sum, unwrap_ddp  # noqa: F401 (loss_sum: patched by tests)
+from .plan import _check_seeded_dropout_size, make_plan, resolve_fused, step_kind
+from .step import FusedLoss, evaluate_loss, loss_sum  # loss_sum: looked up here per micro-batch (tests patch it)
 
 log = logging.getLogger("lorafit")
 
@@ -64,16 +66,6 @@ class LoopState:
     def from_dict(cls, d: dict[str, Any]) -> "LoopState":
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
-
-
-def _inputs_guard(cfg: TrainConfig, config_path: str | Path | None) -> None:
-    """The output-folder and resume rules (docs/reliability.md), where `lorafit.rundir` provides them."""
-    try:
-        from .. import rundir
-    except ImportError:
-        return
-    rundir.guard_output_dir(cfg, config_path)
-    rundir.check_resume(cfg, Path(cfg.output_dir))
 
 
 class Trainer:
@@ -193,12 +185,7 @@ class Trainer:
         cfg, plan, out = self.cfg, self.plan, self.out
         if dist.is_main():
             self.lock = FolderLock(out)  # held until the run ends
-            try:
-                from ..rundir import mark_run_dir
-            except ImportError:
-                pass
-            else:
-                mark_run_dir(out)
+            rundir.mark_run_dir(out)
         ckpt_root = out / "checkpoints"
         ckpt = C.latest_valid(ckpt_root) if ckpt_root.exists() else None
         if ckpt is not None:
@@ -435,7 +422,8 @@ class Trainer:
 
     def run(self) -> TrainResult:
         check_output_dir(self.out)
-        _inputs_guard(self.cfg, self.config_path)
+        rundir.guard_output_dir(self.cfg, self.config_path)  # the output-folder and resume rules
+        rundir.check_resume(self.cfg, self.out)
         self.setup_data()  # a finished run still validates its inputs before "nothing to do"
         if finished(self.out):
             log.info("%s already holds a finished run; nothing to do", self.out)

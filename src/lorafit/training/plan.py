@@ -53,11 +53,9 @@ def resolve_fused(setting: bool | str, device: torch.device, strategy: str) -> b
         return bool(setting)
     if device.type != "cuda" or strategy == "fsdp":
         return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
 
 
 def step_kind(cfg: TrainConfig, fused: bool, device: torch.device, strategy: str, seeded: bool) -> tuple[str, str]:
