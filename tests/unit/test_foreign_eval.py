@@ -106,3 +106,23 @@ def test_bad_eval_arguments_are_one_line(tmp_path, capsys):
     (fake / "adapter_config.json").unlink()
     assert main(["eval", *cases[0][0]]) == 2 and cases[0][1] in capsys.readouterr().err
     assert not (Path.cwd() / "o").exists()
+
+
+def test_eval_out_never_writes_into_a_folder_of_user_files(tmp_path, tiny_model_dir, capsys):
+    """--out pointing at a folder of the user's files: exit 2 before the model loads, the folder untouched."""
+    from lorafit.cli import main
+
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "metrics.json").write_text('{"my": "numbers"}')
+    (user / "notes.txt").write_text("keep")
+    val = tmp_path / "val.json"
+    val.write_text('[{"instruction": "a", "output": "b"}]')
+    ad = tmp_path / "ad"
+    ad.mkdir()
+    (ad / "adapter_config.json").write_text("{}")  # the folder check comes before anything is loaded
+    before = {p.name: p.read_bytes() for p in user.iterdir()}
+    rc = main(["eval", "--model", tiny_model_dir, "--adapter", str(ad), "--val", f"v={val}", "--out", str(user)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--out" in err and str(user) in err
+    assert {p.name: p.read_bytes() for p in user.iterdir()} == before

@@ -35,6 +35,25 @@ def _default(name: str) -> Any:
     return FIELDS[name].default
 
 
+def _check_out(out: Path, names: list[str]) -> None:
+    """OUT is new, empty, or an earlier `lorafit eval --out` (its metrics.json names an adapter): a folder of
+    the user's own files is never written into, and no user file is replaced by one of ours."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ConfigError("exists and is not a folder", file=str(out), field="--out")
+    entries = [p.name for p in out.iterdir()]
+    if not entries:
+        return
+    try:
+        earlier = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        earlier = None
+    if not (isinstance(earlier, dict) and "adapter" in earlier and "sets" in earlier):
+        raise ConfigError(f"folder is not empty ({', '.join(sorted(entries)[:3])}) and is not an earlier "
+                          "`lorafit eval --out`: choose a new folder", file=str(out), field="--out")
+
+
 def evaluate_adapter(model: str, adapter: str | Path, val: dict[str, str | Path], out: str | Path, *,
                      general: str | Path | None = None, max_new_tokens: int | None = None,
                      batch_size: int | None = None, max_samples: int | None = None, mode: str | None = None,
@@ -54,6 +73,7 @@ def evaluate_adapter(model: str, adapter: str | Path, val: dict[str, str | Path]
         sets = {n: exs[:max_samples] for n, exs in sets.items()}
     if not sets:
         raise ConfigError("no validation set given", field="--val")
+    _check_out(Path(out), list(sets))
 
     tok = ensure_template(load_tokenizer(model), _default("template"))
     base = load_model(model, device=device, dtype=_default("dtype"))
