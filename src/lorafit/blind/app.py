@@ -139,52 +139,70 @@ class _BodyLimit:
         await self.app(scope, limited, send)
 
 
-def make_app(db_path: str | Path) -> FastAPI:
-    """The app for one study file; the items and layout are read once, ratings on each request."""
-    study = store.load_study(db_path)
-    db = study.path
-    admin_hash = study.meta["admin_token_hash"]
-    app = FastAPI(title="lorafit blind test", docs_url=None, redoc_url=None, openapi_url=None)
+class _Access:
+    """Who a request comes from: a rater or the admin, by token (compared as hashes, in constant time)."""
 
-    def rater_for(token: str | None) -> str | None:
+    def __init__(self, study: store.Study) -> None:
+        self.study = study
+        self.admin_hash = study.meta["admin_token_hash"]
+
+    def rater_for(self, token: str | None) -> str | None:
         """Compares against every rater (no early exit), so timing says nothing about tokens."""
         if not token:
             return None
         h = store.hash_token(token)
         found = None
-        for stored, rid in study.token_hashes:
+        for stored, rid in self.study.token_hashes:
             if hmac.compare_digest(stored, h):
                 found = rid
         return found
 
-    def bearer(request: Request) -> str | None:
-        scheme, _, value = request.headers.get("authorization", "").partition(" ")
-        return value.strip() if scheme.lower() == "bearer" and value.strip() else None
-
-    def require_rater(request: Request) -> str:
-        rid = rater_for(bearer(request))
+    def require_rater(self, request: Request) -> str:
+        rid = self.rater_for(_bearer(request))
         if rid is None:
             raise HTTPException(401, "missing or invalid token")
         return rid
 
-    def require_admin(request: Request) -> None:
-        token = bearer(request)
-        if token is None or not hmac.compare_digest(store.hash_token(token), admin_hash):
+    def require_admin(self, request: Request) -> None:
+        token = _bearer(request)
+        if token is None or not hmac.compare_digest(store.hash_token(token), self.admin_hash):
             raise HTTPException(401, "missing or invalid admin token")
 
-    def any_token(authorization: bytes) -> bool:
+    def any_token(self, authorization: bytes) -> bool:
+        """A raw Authorization header carries a rater's or the admin's token (for `_BodyLimit`)."""
         scheme, _, value = authorization.decode("latin-1").partition(" ")
         token = value.strip() if scheme.lower() == "bearer" else ""
-        return bool(token) and (rater_for(token) is not None
-                                or hmac.compare_digest(store.hash_token(token), admin_hash))
+        return bool(token) and (self.rater_for(token) is not None
+                                or hmac.compare_digest(store.hash_token(token), self.admin_hash))
 
-    app.add_middleware(_BodyLimit, authorized=any_token)
-
-    def own_slot(rid: str, item_id: str) -> int:
-        slot = study.a_slot(rid, item_id)
+    def own_slot(self, rid: str, item_id: str) -> int:
+        """The slot (1 or 2) of answer A in this rater's copy of the item."""
+        slot = self.study.a_slot(rid, item_id)
         if slot is None:  # unknown and someone else's look the same: no probing for ids
             raise HTTPException(404, "unknown item")
         return slot
+
+
+def _bearer(request: Request) -> str | None:
+    scheme, _, value = request.headers.get("authorization", "").partition(" ")
+    return value.strip() if scheme.lower() == "bearer" and value.strip() else None
+
+
+def make_app(db_path: str | Path) -> FastAPI:
+    """The app for one study file; the items and layout are read once, ratings on each request."""
+    study = store.load_study(db_path)
+    access = _Access(study)
+    app = FastAPI(title="lorafit blind test", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(_BodyLimit, authorized=access.any_token)
+    _add_response_rules(app)
+    _add_rater_routes(app, study, access)
+    _add_admin_routes(app, study, access)
+    return app
+
+
+def _add_response_rules(app: FastAPI) -> None:
+    """Every answer, errors included, is JSON `{"error": ...}` with the security headers; a bug says
+    nothing but "internal server error"."""
 
     @app.exception_handler(StarletteHTTPException)  # also catches routing's 404/405
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -206,9 +224,14 @@ def make_app(db_path: str | Path) -> FastAPI:
             response.headers.setdefault(k, v)
         return response
 
+
+def _add_rater_routes(app: FastAPI, study: store.Study, access: _Access) -> None:
+    """The rater's page and API: progress, one item in slot space (Answer 1/2), and the rating of it."""
+    db = study.path
+
     @app.get("/r/{token}", response_class=HTMLResponse)
     def rater_page(token: str, request: Request, lang: str | None = None) -> HTMLResponse:
-        if rater_for(token) is None:
+        if access.rater_for(token) is None:
             raise HTTPException(404, "not found")
         nonce = secrets.token_urlsafe(16)
         html = (_static("index.html").replace("{{LANG}}", page_language(lang, request.headers.get("accept-language")))
@@ -220,7 +243,7 @@ def make_app(db_path: str | Path) -> FastAPI:
 
     @app.get("/api/rater/state")
     def rater_state(request: Request) -> dict[str, Any]:
-        rid = require_rater(request)
+        rid = access.require_rater(request)
         conn = store.connect(db)
         try:
             done = store.rated_items(conn, rid)
@@ -232,8 +255,8 @@ def make_app(db_path: str | Path) -> FastAPI:
 
     @app.get("/api/rater/items/{item_id}")
     def rater_item(item_id: str, request: Request) -> dict[str, Any]:
-        rid = require_rater(request)
-        a_slot = own_slot(rid, item_id)
+        rid = access.require_rater(request)
+        a_slot = access.own_slot(rid, item_id)
         item = study.items[item_id]
         first, second = (item.answer_a, item.answer_b) if a_slot == 1 else (item.answer_b, item.answer_a)
         conn = store.connect(db)
@@ -251,38 +274,46 @@ def make_app(db_path: str | Path) -> FastAPI:
     async def rate_item(item_id: str, request: Request) -> dict[str, Any]:
         # Parsed here, not as a body parameter, so that the token and the item are checked
         # before anything about the body is said to the client.
-        rid = require_rater(request)
-        a_slot = own_slot(rid, item_id)
+        rid = access.require_rater(request)
+        a_slot = access.own_slot(rid, item_id)
         try:
             rating = RatingIn.model_validate_json(await request.body())
         except ValidationError as e:
             raise RequestValidationError(e.errors()) from None
         row = store.to_model_space(a_slot, rating.answer1.model_dump(), rating.answer2.model_dump(),
                                    rating.preference)
-        done = await run_in_threadpool(save, rid, item_id, row, rating.comment)
+        done = await run_in_threadpool(_save_rating, db, rid, item_id, row, rating.comment)
         return {"ok": True, "item_id": item_id, "done": done, "total": len(study.layout[rid])}
 
-    def save(rid: str, item_id: str, row: dict[str, Any], comment: str) -> int:
-        conn = store.connect(db)
-        try:
-            store.upsert_rating(conn, rid, item_id, row, comment)
-            return len(store.rated_items(conn, rid))
-        finally:
-            conn.close()
+
+def _save_rating(db: Path, rid: str, item_id: str, row: dict[str, Any], comment: str) -> int:
+    """Store one rating (in model space); returns how many items this rater has rated."""
+    conn = store.connect(db)
+    try:
+        store.upsert_rating(conn, rid, item_id, row, comment)
+        return len(store.rated_items(conn, rid))
+    finally:
+        conn.close()
+
+
+def _add_admin_routes(app: FastAPI, study: store.Study, access: _Access) -> None:
+    """The admin's API (admin token only): results as JSON, Markdown and a plot, the ratings export,
+    and each rater's progress."""
+    db = study.path
 
     @app.get("/api/admin/results")
     def admin_results(request: Request) -> dict[str, Any]:
-        require_admin(request)
+        access.require_admin(request)
         return stats.results(db)
 
     @app.get("/api/admin/results.md", response_class=PlainTextResponse)
     def admin_results_md(request: Request) -> PlainTextResponse:
-        require_admin(request)
+        access.require_admin(request)
         return PlainTextResponse(stats.results_markdown(stats.results(db)), media_type="text/markdown")
 
     @app.get("/api/admin/results.png")
     def admin_results_png(request: Request) -> Response:
-        require_admin(request)
+        access.require_admin(request)
         buf = io.BytesIO()
         stats.results_plot(stats.results(db), buf)
         return Response(buf.getvalue(), media_type="image/png")
@@ -290,13 +321,13 @@ def make_app(db_path: str | Path) -> FastAPI:
     @app.get("/api/admin/export")
     def admin_export(request: Request) -> Response:
         """Every rating in model space, one JSON object per line."""
-        require_admin(request)
+        access.require_admin(request)
         lines = [json.dumps(r, ensure_ascii=False) for r in store.all_ratings(db)]
         return Response("".join(line + "\n" for line in lines), media_type="application/x-ndjson")
 
     @app.get("/api/admin/progress")
     def admin_progress(request: Request) -> dict[str, Any]:
-        require_admin(request)
+        access.require_admin(request)
         conn = store.connect(db)
         try:
             counts = dict(conn.execute("SELECT rater_id, COUNT(*) FROM ratings GROUP BY rater_id").fetchall())
@@ -305,8 +336,6 @@ def make_app(db_path: str | Path) -> FastAPI:
         return {"items": len(study.items),
                 "raters": [{"rater": idx, "done": counts.get(rid, 0), "total": len(study.layout[rid])}
                            for rid, idx in study.raters.items()]}
-
-    return app
 
 
 def serve(db_path: str | Path, host: str = "127.0.0.1", port: int = 8765) -> None:
