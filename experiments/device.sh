@@ -53,4 +53,19 @@ case "$1" in
       --benchmarks $X/bench/mmlu-en,$X/bench/cmmlu-zh --shots 0,5 --model $GGUF --device cuda \
       --out /tmp/res/benchmarks.json 2>&1 | tail -n 8
     tar -czf $OUT/results.tgz -C /tmp/res --exclude=adapter --exclude=checkpoints --exclude=best-adapter . ;;
+  # The forgetting experiment's other fix runs, retrained and evaluated like the rerun above (per-prompt
+  # losses in the predictions, so their degradation cut gets an interval against results/rerun's bitext).
+  # After p0, p1, p2 in the same warm session:   bash experiments/device.sh fixes 420
+  # Four runs share GPU 0 (the rerun's three took ~160 s together); no adapters kept, no MMLU/CMMLU.
+  # It writes to its own /tmp/fixes, seeded with results/rerun/forgetting.json so that the packed one keeps
+  # bitext-mix10 beside the new runs: unpack with  tar -xzf results.tgz -C results/rerun  (driver-fixes.log
+  # and logs/ are this stage's own; nothing of the earlier rerun is overwritten but forgetting.json).
+  fixes)
+    rm -rf /tmp/fixes && mkdir -p /tmp/fixes && cp results/rerun/forgetting.json /tmp/fixes/
+    export PYTHONPATH=/tmp/site:$PWD/src OMP_NUM_THREADS=2
+    timeout "$2" python3 experiments/run.py forgetting --only bitext-mix20 bitext-mix30 bitext-lr1e-5 bitext-earlystop \
+      --jobs 4 --gpus 0 --model $GGUF --data $X/data --device cuda --results /tmp/fixes --eval-samples 100 \
+      --max-new-tokens 128 --set eval_batch_size=32 > /tmp/fixes/driver-fixes.log 2>&1
+    echo "exit $? (124: cut off by the timeout)"; cat /tmp/fixes/driver-fixes.log; tail -n 3 /tmp/fixes/logs/*.log
+    tar -czf $OUT/results.tgz -C /tmp/fixes --exclude=adapter --exclude=checkpoints --exclude=best-adapter . ;;
 esac

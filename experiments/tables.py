@@ -1,6 +1,14 @@
 """Build the tables and the gain-vs-forgetting plot of docs/results.md from results/*.json.
 
-    python experiments/tables.py [--results results] > docs/results-tables.md
+Regenerating docs/results.md (its prose is written by hand; every table in it is this script's output):
+
+    .venv/bin/python experiments/tables.py > /tmp/results-tables.md    # about a minute on CPU
+    .venv/bin/python experiments/tables.py --check docs/results.md      # which table rows the doc lacks
+
+The first command also redraws docs/img/gain-vs-forgetting.png (--plot PATH to draw it elsewhere). Its
+`### ...` headings say which section of docs/results.md each block belongs to; paste the blocks over the
+old ones there. The second prints every table row (a line starting with "|") of the output that
+docs/results.md does not contain, and exits 1 if there is any.
 
 Every number printed comes from the JSON the runs wrote; nothing is typed in by hand. Intervals are
 recomputed from the committed predictions (results/runs/<name>/eval/predictions-*.jsonl) with
@@ -28,12 +36,16 @@ def _row(label: str, m: dict) -> str:
     return f"| {label} | " + " | ".join(f"{m[k]:.2f}" for k in KEYS) + " |"
 
 
+def _dir(run: str | Path) -> Path:
+    """A run folder: a run name under results/runs/, or a path to the folder itself."""
+    return run if isinstance(run, Path) else RUNS / run
+
+
 @lru_cache(maxsize=None)
-def set_stats(run: str, name: str, mode: str = "llamafactory") -> dict[str, tuple[ExampleStats, ExampleStats]]:
+def set_stats(run: str | Path, name: str, mode: str = "llamafactory") -> dict[str, tuple[ExampleStats, ExampleStats]]:
     """{metric: (base, tuned)} per-prompt statistics of one set, from the committed predictions; "loss"
     too when the files carry per-prompt losses (lorafit eval writes loss_sum/loss_tokens since issue 16)."""
-    out = {}
-    files = {w: RUNS / run / "eval" / f"predictions-{w}-{name}.jsonl" for w in ("base", "tuned")}
+    files = {w: _dir(run) / "eval" / f"predictions-{w}-{name}.jsonl" for w in ("base", "tuned")}
     (pb, lb), (pt, lt) = read_predictions(files["base"]), read_predictions(files["tuned"])
     sb, st = example_stats(pb, lb, mode), example_stats(pt, lt, mode)
     out = {k: (sb[k], st[k]) for k in KEYS}
@@ -190,27 +202,65 @@ def benchmarks_table(bench: dict) -> list[str]:
     return out
 
 
+# The sets each rerun is evaluated on; every bitext-* folder of a rerun is a fix of the forgetting
+# experiment (experiments/run.py "forgetting": bitext-mix10/20/30, bitext-lr1e-5, bitext-earlystop).
+BITEXT_SETS = ("seen", "unseen", "general")
+HUATUO_SETS = ("heldout", "general")
+
+
+def _evaluated(d: Path, sets: tuple[str, ...]) -> bool:
+    return all((d / "eval" / f"predictions-{w}-{s}.jsonl").is_file() for w in ("base", "tuned") for s in sets)
+
+
+def fix_kept_cut(ref: Path, fix: Path) -> tuple[str, str]:
+    """Domain gain kept (Δ ROUGE-L `seen` of the fix over the reference's) and degradation cut
+    (1 - Δ general loss of the fix over the reference's), each with a joint 95% interval over the
+    prompts both runs answered."""
+    k, kci = joint_ci([set_stats(ref, "seen")["rouge-l"], set_stats(fix, "seen")["rouge-l"]], lambda x, y: y / x)
+    if "loss" in set_stats(ref, "general") and "loss" in set_stats(fix, "general"):
+        c, cci = joint_ci([set_stats(ref, "general")["loss"], set_stats(fix, "general")["loss"]], lambda x, y: 1 - y / x)
+        cut = _pct(c, cci)
+    else:
+        cut = "— (no per-prompt losses)"
+    return _pct(k, kci), cut
+
+
 def rerun_section(res: Path) -> list[str]:
-    """The runs retrained on 2026-11-30 with the fast trainer (adapters kept for the benchmarks): their own
-    deltas, and gain kept / degradation cut of mix10 against that rerun's bitext, both with intervals."""
-    rel = lambda name: str(Path("..") / res.name / "runs" / name)  # set_stats reads RUNS / run
+    """The runs retrained on a GPU with per-prompt losses in their predictions (res = results/rerun):
+    each run's own deltas, then every fix run (each bitext-* folder) against that rerun's bitext: domain
+    gain kept and degradation cut, both with intervals. Folders without predictions (a run cut off by the
+    stage's timeout) are named and left out."""
+    runs = res / "runs"
+    fixes = sorted(p.name for p in runs.glob("bitext-*") if p.is_dir())
+    order = [("bitext", BITEXT_SETS), *[(f, BITEXT_SETS) for f in fixes], ("huatuo", HUATUO_SETS)]
+    done = [(run, sets) for run, sets in order if (runs / run).is_dir() and _evaluated(runs / run, sets)]
+    missing = [run for run, sets in order if (runs / run).is_dir() and not _evaluated(runs / run, sets)]
     lines = ["| run | set | Δ ROUGE-L [95% CI] | Δ loss [95% CI] |", "|---|---|---:|---:|"]
-    for run, sets in (("bitext", ("seen", "unseen", "general")), ("bitext-mix10", ("seen", "unseen", "general")),
-                      ("huatuo", ("heldout", "general"))):
-        if not (res / "runs" / run).is_dir():
-            continue
+    for run, sets in done:
         for name in sets:
-            st = set_stats(rel(run), name)
+            st = set_stats(runs / run, name)
             r = paired_summary(*st["rouge-l"])
             lo = paired_summary(*st["loss"]) if "loss" in st else None
             lines.append(f"| {run} | {name} | {fmt_delta(r['delta'], r['delta_ci95'])} | "
                          f"{fmt_delta(lo['delta'], lo['delta_ci95'], 3) if lo else '—'} |")
-    if (res / "runs" / "bitext-mix10").is_dir() and (res / "runs" / "bitext").is_dir():
-        a, b = rel("bitext"), rel("bitext-mix10")
-        k, kci = joint_ci([set_stats(a, "seen")["rouge-l"], set_stats(b, "seen")["rouge-l"]], lambda x, y: y / x)
-        c, cci = joint_ci([set_stats(a, "general")["loss"], set_stats(b, "general")["loss"]], lambda x, y: 1 - y / x)
-        lines += ["", f"bitext-mix10 against this bitext: domain gain kept {_pct(k, kci)}, degradation cut {_pct(c, cci)}."]
+    names = [run for run, _ in done]
+    evaluated_fixes = [f for f in fixes if f in names]
+    if "bitext" in names and evaluated_fixes:
+        lines += ["", "Each fix against this rerun's `bitext`, 95% intervals resampled jointly over the prompts both "
+                  "runs answered:", "",
+                  "| fix run | domain gain kept [95% CI] | degradation cut [95% CI] |", "|---|---:|---:|"]
+        for f in evaluated_fixes:
+            kept, cut = fix_kept_cut(runs / "bitext", runs / f)
+            lines.append(f"| {f} | {kept} | {cut} |")
+    if missing:
+        lines += ["", "Not evaluated (no predictions), left out: " + ", ".join(missing) + "."]
     return lines
+
+
+def check(lines: list[str], doc: Path) -> list[str]:
+    """The table rows of ``lines`` that ``doc`` does not contain, verbatim."""
+    have = set(doc.read_text(encoding="utf-8").splitlines())
+    return [l for l in lines if l.startswith("|") and l not in have]
 
 
 def plot(pts: list[tuple[str, float, float]], path: Path) -> None:
@@ -235,6 +285,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--results", default=str(Path(__file__).resolve().parents[1] / "results"))
     ap.add_argument("--plot", default=str(Path(__file__).resolve().parents[1] / "docs" / "img" / "gain-vs-forgetting.png"))
+    ap.add_argument("--check", metavar="DOC", help="print the table rows DOC (docs/results.md) lacks; exit 1 if any")
     a = ap.parse_args()
     res = Path(a.results)
     runs = {}
@@ -252,8 +303,9 @@ def main() -> None:
     if bitext_runs:
         t, pts = forgetting_table(bitext_runs)
         lines += ["\n### Forgetting and its fixes (Dolly open_qa as the general set)\n", *t]
-        Path(a.plot).parent.mkdir(parents=True, exist_ok=True)
-        plot(pts, Path(a.plot))
+        if not a.check:  # a check writes nothing
+            Path(a.plot).parent.mkdir(parents=True, exist_ok=True)
+            plot(pts, Path(a.plot))
     if "e2e" in runs:
         lines += ["\n### E2E NLG\n", *e2e_table(runs["e2e"])]
     health_runs = [n for n in ("bitext", "bitext-mix10", "huatuo") if n in runs]
@@ -266,6 +318,10 @@ def main() -> None:
     diag = [n for n in runs if n.startswith("diag-")]
     if diag:
         lines += ["\n### Diagnosis runs\n", *diagnosis_table(runs, diag)]
+    if a.check:
+        stale = check("\n".join(lines).splitlines(), Path(a.check))
+        print("\n".join(stale) or f"{a.check}: every table row is current")
+        raise SystemExit(1 if stale else 0)
     print("\n".join(lines))
 
 
