@@ -1,6 +1,7 @@
 """The bucketed step (`cuda_graph`): what a CUDA graph replays on a GPU, run here without capture. It must
-train like the eager fused step (same losses and adapter within float noise), skip a non-finite step, and
-resume a killed run bit-identically. Bucketing and the maskless right-padded batch are checked directly."""
+train like the eager fused step (same losses and adapter within float noise), padded or packed, skip a
+non-finite step, and resume a killed run bit-identically; so must the pipelined loop (optimizer step guarded
+on the device, outcome read one step later). Bucketing and the one-row batch are checked directly."""
 from __future__ import annotations
 
 import json
@@ -12,7 +13,7 @@ from safetensors.torch import load_file
 from lorafit.config import load_config
 from lorafit.demoset import write_demo_data
 from lorafit.training import loop
-from lorafit.training.graphstep import bucket_length, pad_to
+from lorafit.training.graphstep import bucket_length, flat_batch, segment_slots
 
 
 def _cfg(tmp_path, model, name, **kw):
@@ -31,19 +32,30 @@ def _adapter(run):
     return load_file(str(run / "adapter" / "adapter_model.safetensors"))
 
 
-def test_bucket_lengths_and_padding():
+@pytest.fixture(params=[False, True], ids=["sync", "pipelined"])
+def pipelined(request, monkeypatch):
+    monkeypatch.setattr(loop, "PIPELINE", request.param)
+    return request.param
+
+
+def test_bucket_lengths_and_one_row_batches():
     assert [bucket_length(n, 1024) for n in (1, 128, 129, 1000, 1024)] == [128, 128, 256, 1024, 1024]
-    assert bucket_length(300, 200) == 300 and bucket_length(150, 200) == 200  # never past max_length, never cut
-    b = {"input_ids": torch.tensor([[5, 6, 7], [8, 9, 2]]), "labels": torch.tensor([[-100, 6, 7], [-100, 9, -100]]),
-         "attention_mask": torch.tensor([[1, 1, 1], [1, 1, 0]])}
-    p = pad_to(b, 8, pad_id=2, device=torch.device("cpu"))
-    assert set(p) == {"input_ids", "labels"} and p["input_ids"].shape == (2, 8)
-    assert p["labels"][:, 3:].eq(-100).all() and p["input_ids"][:, 3:].eq(2).all()
-    assert p["labels"][0, :3].tolist() == [-100, 6, 7]
+    assert bucket_length(300, 200) == 300 and bucket_length(150, 200) == 200  # never past the budget, never cut
+    assert [segment_slots(n) for n in (1, 2, 7, 8, 15, 16)] == [8, 8, 8, 16, 16, 24]
+    ids, labels = [[5, 6, 7], [8, 9]], [[-100, 6, 7], [-100, 9]]
+    b = flat_batch(ids, labels, budget=400, pad_id=2)
+    assert b["input_ids"].shape == (1, 128) and b["input_ids"][0, :5].tolist() == [5, 6, 7, 8, 9]
+    assert b["input_ids"][0, 5:].eq(2).all() and b["labels"][0, 5:].eq(-100).all()
+    # each example's first label is dropped: the padded batch's supervised tokens (HF shifts labels by one)
+    assert b["labels"][0, :5].tolist() == [-100, 6, 7, -100, 9]
+    assert b["position_ids"][0, :6].tolist() == [0, 1, 2, 0, 1, 0]
+    assert b["cu_seq_lens_q"].tolist() == [0, 3, 5, 128, 128, 128, 128, 128, 128]  # 2 examples, filler, empties
+    assert b["max_length_q"] == 128
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_bucketed_step_trains_like_the_eager_fused_step(tmp_path, tiny_model_dir, dropout):
+@pytest.mark.parametrize("dropout,pipe", [(0.0, False), (0.1, True)], ids=["sync-nodropout", "pipelined-dropout"])
+def test_bucketed_step_trains_like_the_eager_fused_step(tmp_path, tiny_model_dir, monkeypatch, dropout, pipe):
+    monkeypatch.setattr(loop, "PIPELINE", pipe)
     eager = loop.train(_cfg(tmp_path, tiny_model_dir, "eager", cuda_graph=False, lora_dropout=dropout), progress=False)
     fast = loop.train(_cfg(tmp_path, tiny_model_dir, "fast", cuda_graph=True, lora_dropout=dropout), progress=False)
     le, lf = _log(eager.run_dir), _log(fast.run_dir)
@@ -51,14 +63,14 @@ def test_bucketed_step_trains_like_the_eager_fused_step(tmp_path, tiny_model_dir
     pick = lambda L: [(r["type"], r["step"], r.get("loss", r.get("eval_loss"))) for r in L if r["type"] in ("train", "eval")]
     for a, b in zip(pick(le), pick(lf), strict=True):
         assert a[:2] == b[:2] and abs(a[2] - b[2]) <= 1e-4 * abs(a[2]), (a, b)
-    if dropout:  # masks are drawn over the padded layout, so a bucket's padding draws other (equally random) masks
+    if dropout:  # masks are drawn over the memory layout: one row draws other (equally random) masks than rows
         return
     we, wf = _adapter(eager.run_dir), _adapter(fast.run_dir)
     for k in we:
         assert torch.allclose(we[k], wf[k], atol=1e-5, rtol=1e-3), k
 
 
-def test_bucketed_step_skips_a_nonfinite_step(tmp_path, tiny_model_dir, monkeypatch):
+def test_bucketed_step_skips_a_nonfinite_step(tmp_path, tiny_model_dir, monkeypatch, pipelined):
     from lorafit.training import graphstep
 
     real = graphstep.BucketedStep._forward_backward
@@ -80,18 +92,18 @@ def test_bucketed_step_skips_a_nonfinite_step(tmp_path, tiny_model_dir, monkeypa
     assert all(torch.isfinite(t).all() for t in _adapter(res.run_dir).values())
 
 
-def test_killed_bucketed_run_resumes_bit_identically(tmp_path, tiny_model_dir, monkeypatch):
+def test_killed_bucketed_run_resumes_bit_identically(tmp_path, tiny_model_dir, monkeypatch, pipelined):
     from lorafit.training import graphstep
 
     ref = loop.train(_cfg(tmp_path, tiny_model_dir, "ref", cuda_graph=True), progress=False)
     real = graphstep.BucketedStep.__call__
     calls = {"n": 0}
 
-    def dying(self, batch, scale):
+    def dying(self, examples, scale):
         calls["n"] += 1
         if calls["n"] == 9:  # in step 5, after the step-4 checkpoint
             raise KeyboardInterrupt
-        return real(self, batch, scale)
+        return real(self, examples, scale)
 
     monkeypatch.setattr(graphstep.BucketedStep, "__call__", dying)
     with pytest.raises(KeyboardInterrupt):
@@ -103,6 +115,41 @@ def test_killed_bucketed_run_resumes_bit_identically(tmp_path, tiny_model_dir, m
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     drop = lambda L: [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in L if r.get("event") != "resume"]
     assert drop(_log(ref.run_dir)) == drop(_log(res.run_dir))
+
+
+def test_packed_runs_take_the_bucketed_step_and_train_like_the_eager_packed_step(tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.setattr(loop, "PIPELINE", True)
+    kw = dict(packing=True, pack_tokens=256, lora_dropout=0.0)  # CPU dropout draws torch masks of the row's shape
+    eager = loop.train(_cfg(tmp_path, tiny_model_dir, "eager", cuda_graph=False, **kw), progress=False)
+    fast = loop.train(_cfg(tmp_path, tiny_model_dir, "fast", cuda_graph=True, **kw), progress=False)
+    le, lf = _log(eager.run_dir), _log(fast.run_dir)
+    assert lf[0]["step_kind"] == "bucketed" and "packing" not in lf[0]["step_fallback"] and lf[0]["packing"]
+    pick = lambda L: [(r["type"], r["step"], r.get("loss", r.get("eval_loss"))) for r in L if r["type"] in ("train", "eval")]
+    for a, b in zip(pick(le), pick(lf), strict=True):
+        assert a[:2] == b[:2] and abs(a[2] - b[2]) <= 1e-4 * abs(a[2]), (a, b)
+    we, wf = _adapter(eager.run_dir), _adapter(fast.run_dir)
+    for k in we:
+        assert torch.allclose(we[k], wf[k], atol=1e-5, rtol=1e-3), k
+
+
+def test_flat_evaluation_loss_equals_the_padded_one(tmp_path, tiny_model_dir):
+    from lorafit import data as D
+    from lorafit.kernels import accelerate_model
+    from lorafit.model import apply_lora, load_model, load_tokenizer
+    from lorafit.training.step import evaluate_loss
+
+    cfg = _cfg(tmp_path, tiny_model_dir, "x")
+    tok = D.ensure_template(load_tokenizer(cfg.model), cfg.template)
+    enc = D.encode_all(tok, D.build_datasets(cfg).val["faq"], cfg)
+    model = accelerate_model(apply_lora(load_model(cfg.model, device="cpu", dtype="float32"), cfg))
+    with torch.no_grad():  # a non-zero adapter, so the LoRA path counts
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.02)
+    dev = torch.device("cpu")
+    padded = evaluate_loss(model, enc, 4, tok.pad_token_id, dev)
+    flat = evaluate_loss(model, enc, 4, tok.pad_token_id, dev, flat=True)
+    assert abs(padded - flat) <= 1e-4 * padded and model.training
 
 
 def test_disk_full_during_training_is_one_line_and_resumable(tmp_path, tiny_model_dir, monkeypatch, capsys):

@@ -46,8 +46,17 @@ class Stream:
         idx = self.indices(k)
         return D.collate([self.enc.input_ids[i] for i in idx], [self.enc.labels[i] for i in idx], self.pad)
 
+    def examples(self, k: int) -> tuple[list[list[int]], list[list[int]]]:
+        """Micro-batch k's token ids and labels, unpadded (the bucketed step lays them end to end)."""
+        idx = self.indices(k)
+        return [self.enc.input_ids[i] for i in idx], [self.enc.labels[i] for i in idx]
+
     def n_supervised(self, k: int) -> int:
         return sum(sum(1 for l in self.enc.labels[i][1:] if l != -100) for i in self.indices(k))
+
+    def n_tokens(self, k: int) -> int:
+        """Real tokens of micro-batch k (what `batch_tokens` counts), known without building it."""
+        return sum(len(self.enc.input_ids[i]) for i in self.indices(k))
 
 
 class PackedStream(Stream):

@@ -111,22 +111,35 @@ def all_sum_tensor(t: torch.Tensor) -> list[float]:
     return t.tolist()
 
 
-def average_gradients(params: list[torch.Tensor]) -> None:
+def all_reduce_sum(t: torch.Tensor) -> None:
+    """Sum `t` over the ranks in place, without waiting for it (the reader synchronises)."""
+    if world()[2] > 1:
+        dist.all_reduce(t)
+
+
+def average_gradients(params: list[torch.Tensor], flat: torch.Tensor | None = None) -> None:
     """Average the gradients over the ranks with one all-reduce of a flat buffer.
 
     DDP does this with per-bucket hooks inside its own forward/backward; a step that runs outside
     DDP's forward (a replayed CUDA graph) calls this between backward and the optimizer instead.
+    `flat`: a buffer the gradients are views of (the bucketed step's), reduced in place, with no copies.
     """
     ws = world()[2]
+    if ws == 1:
+        return
+    if flat is not None:
+        dist.all_reduce(flat)
+        flat.div_(ws)
+        return
     grads = [p.grad for p in params if p.grad is not None]
-    if ws == 1 or not grads:
+    if not grads:
         return
     from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-    flat = _flatten_dense_tensors(grads)
-    dist.all_reduce(flat)
-    flat.div_(ws)
-    torch._foreach_copy_(grads, list(_unflatten_dense_tensors(flat, grads)))
+    buf = _flatten_dense_tensors(grads)
+    dist.all_reduce(buf)
+    buf.div_(ws)
+    torch._foreach_copy_(grads, list(_unflatten_dense_tensors(buf, grads)))
 
 
 def broadcast_params(params: list[torch.Tensor]) -> None:

@@ -1,97 +1,100 @@
-"""The trainer's fast micro-batch step: forward and backward at a bucketed length, replayed from a CUDA
-graph captured once per bucket.
+"""The trainer's fast micro-batch step: forward and backward of a micro-batch laid end to end in one row
+(padding-free), at a bucketed length, replayed from a CUDA graph captured once per bucket.
 
 Why: on short examples (Bitext: ~220 tokens a micro-batch) an eager step of an 8B model is ~30 ms of GPU
 work and ~100 ms of Python and kernel launches; a replayed graph issues the whole forward and backward at
 once. What a graph needs is fixed shapes and no host synchronisation, so:
 
-- **Buckets.** A micro-batch is right-padded to `bucket(len)`: the next multiple of 128 (at most
-  `max_length`), and a graph is captured the first time a (rows, length) shape is seen. Bitext at
-  max_length 1024 needs a handful. All graphs share one memory pool (they never run at the same time),
-  so the memory they hold is that of the largest bucket's step, not the sum.
-- **No attention mask.** Right padding under causal attention: a real token only attends to earlier
-  positions, all real, so the mask changes nothing for the tokens that carry labels (pad labels are
-  -100), and the maskless fused decoder runs without the mask building and the host synchronisations of
-  transformers' padded path.
-- **What stays outside the graph** (in the trainer, `Trainer.train_step`): the loss scale (a device
-  scalar filled before each replay), the dropout seed (a device counter the trainer sets per micro-batch),
-  the gradient all-reduce for several processes, clipping, the one finiteness read per optimizer step and
-  the optimizer step itself, guarded by it. Gradients are the graphs' own accumulation buffers: they are
-  zeroed in place, never set to None.
+- **One row, no padding between examples.** A micro-batch's examples (a padded batch's rows, or a pack)
+  are laid end to end (`pack_batch`), each with its own positions and varlen boundaries, so attention
+  stays within an example (flash varlen) and the step computes the padded batch's loss over the same
+  supervised tokens without computing its padding: two Bitext rows of 140 and 80 tokens cost 256
+  positions, not 2 x 256. Packed runs (`packing: true`) take the same path.
+- **Buckets.** The row is filled up to `bucket_length(tokens)` (the next multiple of 128, at most the
+  micro-batch's token budget) by one filler example without labels, and the boundary list to a multiple
+  of 8 entries by empty examples; a graph is captured the first time a (length, boundaries) shape is seen.
+  All graphs share one memory pool (they never run at the same time), so the memory they hold is that of
+  the largest bucket's step, not the sum.
+- **What stays outside the graph** (in the trainer): the loss scale (a device scalar filled before each
+  replay), the dropout seed (a device counter the trainer sets per micro-batch), the gradient all-reduce
+  for several processes, clipping and the optimizer step. Gradients are the graphs' own accumulation
+  buffers, views of one flat buffer (one all-reduce for several processes): zeroed in place, never set
+  to None.
 
-`capture=False` runs the same bucketed, maskless step eagerly (CPU, tests): the reference the graph replays.
+`capture=False` runs the same one-row, bucketed step eagerly (CPU, tests): the reference the graph replays.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Sequence
 
 import torch
 
+from ..data.packing import pack_batch
+
 BUCKET = 128  # on an H200, 64 measured the same and 32 3% faster with twice the graphs (docs/speed.md)
+SEGMENTS = 8  # boundary lists are padded to a multiple of this many examples
 
 
 def bucket_length(n: int, max_length: int, bucket: int = BUCKET) -> int:
-    """The padded length a row of `n` tokens is run at."""
+    """The padded length a row of `n` tokens is run at (never past `max_length` unless n is)."""
     return min(max(bucket, -(-n // bucket) * bucket), max(max_length, n))
 
 
-def pad_to(batch: dict[str, torch.Tensor], length: int, pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """input_ids and labels right-padded to `length` (no attention mask: see the module docstring)."""
-    ids, labels = batch["input_ids"], batch["labels"]
-    rows, n = ids.shape
-    out_ids = torch.full((rows, length), pad_id, dtype=ids.dtype)
-    out_labels = torch.full((rows, length), -100, dtype=labels.dtype)
-    out_ids[:, :n], out_labels[:, :n] = ids, labels
-    if "attention_mask" in batch:  # tokens past a row's end are padding however collate marked them
-        out_labels[:, :n][batch["attention_mask"] == 0] = -100
-    return {"input_ids": out_ids.to(device, non_blocking=True), "labels": out_labels.to(device, non_blocking=True)}
+def segment_slots(n_examples: int) -> int:
+    """Entries of the boundary list (examples, the filler and empty slots) for `n_examples` examples."""
+    return max(SEGMENTS, -(-(n_examples + 1) // SEGMENTS) * SEGMENTS)
+
+
+def flat_batch(ids: Sequence[Sequence[int]], labels: Sequence[Sequence[int]], budget: int,
+               pad_id: int) -> dict[str, Any]:
+    """The micro-batch as the graph runs it: one row of `bucket_length` tokens (see the module docstring)."""
+    length = bucket_length(sum(len(x) for x in ids), budget)
+    return pack_batch(ids, labels, pad_to_tokens=length, pad_to_segments=segment_slots(len(ids)), pad_id=pad_id)
 
 
 class BucketedStep:
-    """`step(batch, scale) -> summed loss` (a device scalar): forward and backward of one micro-batch,
-    gradients accumulated into the parameters' `.grad` (scaled by `scale`)."""
+    """`step((ids, labels), scale) -> summed loss` (a device scalar): forward and backward of one micro-batch
+    (its examples' token ids and labels), gradients accumulated into the parameters' `.grad` (scaled by
+    `scale`). `budget`: the most tokens a micro-batch holds (batch_size x max_length, or the pack size)."""
 
-    def __init__(self, model: torch.nn.Module, params: list[torch.Tensor], *, max_length: int, pad_id: int,
-                 device: torch.device, capture: bool, warmup: int = 2,
-                 before_forward: Callable[[], Any] | None = None) -> None:
+    def __init__(self, model: torch.nn.Module, params: list[torch.Tensor], *, budget: int, pad_id: int,
+                 device: torch.device, capture: bool, warmup: int = 2, seed: Any = None) -> None:
         from ..kernels import causal_lm_loss
 
-        self.model, self.params, self.max_length, self.pad_id, self.device = model, params, max_length, pad_id, device
-        self.capture, self.warmup, self.loss_fn = capture, warmup, causal_lm_loss
+        self.model, self.params, self.budget, self.pad_id, self.device = model, params, budget, pad_id, device
+        self.capture, self.warmup, self.loss_fn, self.seed = capture, warmup, causal_lm_loss, seed
         self.scale = torch.zeros((), dtype=torch.float32, device=device)
         self.one = torch.ones((), dtype=torch.float32, device=device)  # a summed loss; a device tensor: no copy in capture
-        self.graphs: dict[tuple[int, int], tuple[Any, dict[str, torch.Tensor], torch.Tensor]] = {}
+        self.graphs: dict[tuple[int, int], tuple[Any, dict[str, Any], torch.Tensor]] = {}
         self.pool = torch.cuda.graph_pool_handle() if capture else None
-        self.seed = getattr(_causal(model), "lorafit_dropout_seed", None)
-        for p in params:  # the graphs accumulate into these buffers: they must exist before the first capture
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
+        self.flat_grad = _flat_grads(params, device)
 
-    def _forward_backward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _forward_backward(self, batch: dict[str, Any]) -> torch.Tensor:
         lsum = self.loss_fn(self.model, batch, num_items_in_batch=self.one)
         (lsum * self.scale).backward()
         return lsum.detach()
 
-    def __call__(self, batch: dict[str, torch.Tensor], scale: float) -> torch.Tensor:
-        length = bucket_length(int(batch["input_ids"].shape[1]), self.max_length)
-        b = pad_to(batch, length, self.pad_id, self.device)
+    def __call__(self, examples: tuple[Sequence[Sequence[int]], Sequence[Sequence[int]]], scale: float) -> torch.Tensor:
+        b = flat_batch(*examples, self.budget, self.pad_id)
+        b = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in b.items()}
         self.scale.fill_(scale)
         if not self.capture:
             return self._forward_backward(b)
-        key = tuple(b["input_ids"].shape)
+        key = (int(b["input_ids"].shape[1]), int(b["cu_seq_lens_q"].shape[0]))
         if key not in self.graphs:
             self.graphs[key] = self._capture(b)
         graph, static, loss = self.graphs[key]
         for k, v in b.items():
-            static[k].copy_(v, non_blocking=True)
+            if torch.is_tensor(v):
+                static[k].copy_(v, non_blocking=True)
         graph.replay()
         return loss
 
-    def _capture(self, b: dict[str, torch.Tensor]) -> tuple[Any, dict[str, torch.Tensor], torch.Tensor]:
+    def _capture(self, b: dict[str, Any]) -> tuple[Any, dict[str, Any], torch.Tensor]:
         """Warm up on a side stream (CUDA libraries allocate lazily), undo what the warm-up changed
         (gradients, the dropout counter), then capture."""
-        static = {k: v.clone() for k, v in b.items()}
-        grads = [p.grad.clone() for p in self.params]
+        static = {k: v.clone() if torch.is_tensor(v) else v for k, v in b.items()}
+        grads = self.flat_grad.clone() if self.flat_grad is not None else [p.grad.clone() for p in self.params]
         seed = None if self.seed is None else self.seed.value.clone()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -102,7 +105,10 @@ class BucketedStep:
                 self._forward_backward(static)
         torch.cuda.current_stream().wait_stream(side)
         with torch.no_grad():
-            torch._foreach_copy_([p.grad for p in self.params], grads)
+            if self.flat_grad is not None:
+                self.flat_grad.copy_(grads)
+            else:
+                torch._foreach_copy_([p.grad for p in self.params], grads)
             if seed is not None:
                 self.seed.value.copy_(seed)
         graph = torch.cuda.CUDAGraph()
@@ -111,13 +117,28 @@ class BucketedStep:
         return graph, static, loss
 
     def memory(self) -> dict[str, Any]:
-        """What the captured graphs hold, for the run's start/end events."""
-        out: dict[str, Any] = {"graphs": sorted(f"{r}x{n}" for r, n in self.graphs), "captured": self.capture}
+        """What the captured graphs hold, for the run's start/end events ("tokens/boundaries" per graph)."""
+        out: dict[str, Any] = {"graphs": [f"{n}/{s - 1}" for n, s in sorted(self.graphs)], "captured": self.capture}
         if self.capture:
             out["reserved_gib"] = round(torch.cuda.memory_reserved(self.device) / 2 ** 30, 3)
             out["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated(self.device) / 2 ** 30, 3)
         return out
 
 
-def _causal(model: torch.nn.Module) -> torch.nn.Module:
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
+def _flat_grads(params: list[torch.Tensor], device: torch.device) -> torch.Tensor | None:
+    """Give every parameter a gradient that is a view of one flat buffer (returned), keeping any values
+    already there; None (separate buffers) when the parameters do not share a dtype and device."""
+    if not params or len({(p.dtype, p.device) for p in params}) > 1:
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        return None
+    flat = torch.zeros(sum(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device)
+    offset = 0
+    for p in params:
+        view = flat[offset:offset + p.numel()].view_as(p)
+        if p.grad is not None:
+            view.copy_(p.grad)
+        p.grad = view
+        offset += p.numel()
+    return flat

@@ -29,7 +29,7 @@ from ..errors import ConfigError, TrainingError
 from ..model import apply_lora, assert_finite, load_model, load_tokenizer, pick_device, pick_dtype
 from . import checkpoint as C
 from . import dist
-from .batches import PackedStream, Stream, batch_tokens
+from .batches import PackedStream, Stream
 from .. import rundir
 from ..rundir import FolderLock, check_output_dir, finished
 from .runlog import JsonlLog
@@ -39,6 +39,10 @@ from .plan import _check_seeded_dropout_size, make_plan, resolve_fused, step_kin
 from .step import FusedLoss, evaluate_loss, loss_sum  # loss_sum: looked up here per micro-batch (tests patch it)
 
 log = logging.getLogger("lorafit")
+
+# Pipelined steps (the host prepares step n+1 while the GPU runs step n; the optimizer step is guarded on the
+# device): None = on wherever the optimizer is fused on a GPU. Tests set True to run the pipeline on the CPU.
+PIPELINE: bool | None = None
 
 
 @dataclass
@@ -80,6 +84,7 @@ class Trainer:
         self.state = LoopState()
         self.last_eval: dict[str, float] = {}
         self.watchdog = dist.Watchdog(cfg.dist_timeout, on_fire=self.close)
+        self.bar: Any = None
 
     # --- setup: everything that can fail on bad input happens before the first byte is written
     def setup_data(self) -> None:
@@ -143,19 +148,22 @@ class Trainer:
         if cfg.gradient_checkpointing:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model = apply_lora(base, cfg)
-        self.dropout_seed = None
+        self.dropout_seed = self.kernels = None  # kernels: the fused model's handle (kernels.Accelerated)
         if self.fused:
-            from ..kernels import accelerate_model
+            from ..kernels import accelerate_model, accelerated
             from ..kernels._triton import use_triton
 
             # Where Triton runs, LoRA dropout is drawn inside the rank-r products from a seed (the fast path,
             # docs/speed.md); the seed is set per micro-batch, like torch's RNG for the other paths.
             model = accelerate_model(model, seeded_dropout=use_triton(torch.empty(0, device=device)))
-            self.dropout_seed = getattr(model.get_base_model(), "lorafit_dropout_seed", None)
+            self.kernels = accelerated(model)
+            self.dropout_seed = self.kernels.dropout_seed
             if self.dropout_seed is not None and cfg.lora_dropout > 0:
                 _check_seeded_dropout_size(cfg, model.get_base_model().config)
         self.peft_model = model
         self.step_kind, why = step_kind(cfg, self.fused, device, self.strategy, self.dropout_seed is not None)
+        if self.step_kind in ("cuda_graph", "bucketed") and not _varlen_ready(model):
+            self.step_kind, why = "eager_fused", "the model's attention is not lorafit's fused varlen attention"
         log.info("training step: %s%s", self.step_kind, f" ({why})" if why else "")
         self.step_reason = why
         self.bucketed = None
@@ -164,8 +172,10 @@ class Trainer:
             if ws > 1:  # no DDP wrapper around a replayed graph: same start everywhere, gradients averaged by hand
                 with self.watchdog.phase("setup (broadcasting the adapter)"):
                     dist.broadcast_params(params)
-            self.bucketed = BucketedStep(model, params, max_length=cfg.max_length, pad_id=self.tok.pad_token_id,
-                                         device=device, capture=self.step_kind == "cuda_graph")
+            budget = max(cfg.pack_tokens or cfg.batch_size * cfg.max_length, cfg.max_length) if cfg.packing \
+                else cfg.batch_size * cfg.max_length
+            self.bucketed = BucketedStep(model, params, budget=budget, pad_id=self.tok.pad_token_id, device=device,
+                                         capture=self.step_kind == "cuda_graph", seed=self.dropout_seed)
             self.model = model
         else:
             if self.fused:
@@ -177,8 +187,11 @@ class Trainer:
         # On GPUs the fused AdamW (one kernel for every tensor, as HF's adamw_torch_fused): the step's host cost
         # is fixed per optimizer step, so it weighs most where each process has little work (several GPUs).
         fused = device.type == "cuda" and not self.sharded
+        self.pipelined = fused if PIPELINE is None else (PIPELINE and not self.sharded)
         self.opt = torch.optim.AdamW(self.params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                     eps=cfg.adam_eps, weight_decay=cfg.weight_decay, fused=fused or None)
+                                     eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
+                                     fused=(fused or self.pipelined) or None)
+        self._host = [torch.zeros(3, dtype=torch.float64, pin_memory=device.type == "cuda") for _ in range(2)]
 
     # --- resume or start
     def resume(self) -> Path | None:
@@ -232,7 +245,8 @@ class Trainer:
         self.last_eval = {}
         for name, v in self.val_enc.items():
             with self.watchdog.phase(f"evaluation of '{name}' at step {step}"):
-                self.last_eval[name] = evaluate_loss(self.model, v, cfg.eval_batch_size, self.tok.pad_token_id, self.device)
+                self.last_eval[name] = evaluate_loss(self.peft_model if self.fused else self.model, v, cfg.eval_batch_size,
+                                                     self.tok.pad_token_id, self.device, flat=self.fused)
             self.logf.write({"type": "eval", "step": step, "split": name, "eval_loss": self.last_eval[name]})
         monitor = next((k for k in self.val_enc if k != "general"), None)
         if monitor is None:
@@ -249,8 +263,10 @@ class Trainer:
             s.bad_evals += 1
         return bool(cfg.early_stopping_patience) and s.bad_evals >= cfg.early_stopping_patience
 
-    def train_step(self, step: int) -> tuple[float, float, float, int] | None:
-        """One optimizer step: (mean loss, grad norm, lr, real tokens), or None when it was skipped."""
+    def launch(self, step: int) -> "_Pending":
+        """Issue optimizer step `step`: micro-batches, gradient reduction, clipping, and (pipelined) the
+        optimizer step itself, guarded on the device by the step's finiteness, with no host synchronisation.
+        `resolve` reads the outcome."""
         cfg, plan = self.cfg, self.plan
         rank, ws = self.rank, plan.world_size
         lr = lr_at(step, peak=cfg.learning_rate, warmup=plan.warmup_steps, total=plan.total_steps,
@@ -260,25 +276,23 @@ class Trainer:
         window = range(step * plan.micro_batches_per_step, (step + 1) * plan.micro_batches_per_step)
         denom = sum(self.stream.n_supervised(k) for k in window)
         mine = list(window)[rank::ws]
-        local_loss, tokens = torch.zeros((), dtype=torch.float64, device=self.device), 0
+        local_loss = torch.zeros((), dtype=torch.float64, device=self.device)
         with self.watchdog.phase(f"training step {step + 1}"):
             for j, k in enumerate(mine):
-                batch = self.stream.batch(k)
                 # Dropout masks are a function of the run's micro-batch index, not of the process: N processes
                 # draw the masks one process would, so a run's losses do not depend on the number of GPUs.
                 torch.manual_seed(cfg.seed * 1_000_003 + k)
-                if self.dropout_seed is not None:  # advanced once by the forward: the masks are those of (seed, k)
-                    self.dropout_seed.value.fill_(cfg.seed * 1_000_003 + k - 1)
+                if self.kernels is not None:  # seeded dropout: the next forward draws the masks of (seed, k)
+                    self.kernels.set_micro_batch(cfg.seed, k)
                 if self.bucketed is not None:
-                    lsum = self.bucketed(batch, ws / max(denom, 1))
+                    lsum = self.bucketed(self.stream.examples(k), ws / max(denom, 1))
                 else:
                     with dist.no_sync(self.model, last=j == len(mine) - 1):
-                        lsum, _ = loss_sum(self.model, batch, self.device, self.fused)
+                        lsum, _ = loss_sum(self.model, self.stream.batch(k), self.device, self.fused)
                         (lsum * (ws / max(denom, 1))).backward()
-                local_loss += lsum.detach()  # no host sync per micro-batch: read once per step, below
-                tokens += batch_tokens(batch)
+                local_loss += lsum.detach()  # no host sync per micro-batch
             if self.bucketed is not None and ws > 1:
-                dist.average_gradients(self.params)  # what DDP's hooks do on the eager path
+                dist.average_gradients(self.params, self.bucketed.flat_grad)  # what DDP's hooks do on the eager path
             if cfg.l2_penalty:
                 # Classic L2, a penalty l2_penalty * sum(w^2) in the loss (unlike AdamW's decoupled decay),
                 # applied as that term's gradient, once, to the reduced gradients (or their FSDP shards):
@@ -289,24 +303,51 @@ class Trainer:
                                         alpha=2 * cfg.l2_penalty)
             norm = dist.full_tensor(torch.nn.utils.clip_grad_norm_(
                 self.params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))).detach()
-            # One all-reduce (and the step's one host sync) carries the loss, the tokens, every rank's verdict on
-            # its gradient norm and the norm itself (the same on every rank), so a NaN on one rank only sends
-            # every rank down the same branch.
-            packed = torch.stack([local_loss, torch.tensor(float(tokens), dtype=torch.float64, device=self.device),
-                                  (~torch.isfinite(norm)).to(torch.float64), torch.nan_to_num(norm.to(torch.float64))])
-            loss_total, tokens_total, bad, gnorm_sum = dist.all_sum_tensor(packed)
-            gnorm = gnorm_sum / ws if not bad else float("nan")
-        step_loss = loss_total / max(denom, 1)
-        # A replayed graph accumulates into the gradient buffers it was captured with: zero them, never free them.
-        keep_grads = self.bucketed is not None
-        if not math.isfinite(step_loss) or bad:
-            self.opt.zero_grad(set_to_none=not keep_grads)
-            self._nonfinite(step, step_loss, gnorm)
+            # One all-reduce carries the loss, every rank's verdict on its gradient norm and the norm itself
+            # (the same on every rank), so a NaN on one rank only sends every rank down the same branch.
+            packed = torch.stack([local_loss, (~torch.isfinite(norm)).to(torch.float64),
+                                  torch.nan_to_num(norm.to(torch.float64))])
+            dist.all_reduce_sum(packed)
+        tokens = sum(self.stream.n_tokens(k) for k in window)  # every rank's, known on the host
+        pending = _Pending(step, lr, denom, tokens, packed)
+        if self.pipelined:
+            bad = ((packed[1] > 0) | ~torch.isfinite(packed[0])).to(torch.float32)
+            self.opt.found_inf = bad  # the fused AdamW leaves parameters, moments and step count alone when set
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=self.bucketed is None)
+            if packed.is_cuda:  # read back through pinned memory after an event, not by waiting for the stream
+                host = self._host[step % 2]
+                host.copy_(packed, non_blocking=True)
+                pending.values, pending.event = host, torch.cuda.Event()
+                pending.event.record()
+        return pending
+
+    def resolve(self, p: "_Pending") -> tuple[float, float, float, int] | None:
+        """Read a launched step's outcome: (mean loss, grad norm, lr, real tokens), or None when it was
+        skipped as non-finite. Unpipelined, the optimizer step (or the skip) happens here."""
+        with self.watchdog.phase(f"training step {p.step + 1}"):
+            if p.event is not None:
+                p.event.synchronize()
+            elif p.values.is_cuda:  # wait with the GIL released (the watchdog thread must be able to run)
+                torch.cuda.current_stream(p.values.device).synchronize()
+            loss_total, bad, gnorm_sum = p.values.tolist()
+        gnorm = gnorm_sum / self.plan.world_size if not bad else float("nan")
+        step_loss = loss_total / max(p.denom, 1)
+        ok = math.isfinite(step_loss) and not bad
+        if not self.pipelined:
+            if ok:
+                self.opt.step()
+            # A replayed graph accumulates into the gradient buffers it was captured with: zero them, never free them.
+            self.opt.zero_grad(set_to_none=self.bucketed is None)
+        if not ok:
+            self._nonfinite(p.step, step_loss, gnorm)
             return None
         self.state.nonfinite_run = 0
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=not keep_grads)
-        return step_loss, gnorm, lr, int(tokens_total)
+        return step_loss, gnorm, p.lr, p.tokens
+
+    def train_step(self, step: int) -> tuple[float, float, float, int] | None:
+        """One optimizer step, launched and read back: (mean loss, grad norm, lr, real tokens) or None."""
+        return self.resolve(self.launch(step))
 
     def _nonfinite(self, step: int, step_loss: float, gnorm: float) -> None:
         s, cfg = self.state, self.cfg
@@ -336,50 +377,79 @@ class Trainer:
             dist.barrier()
 
     def fit(self, start: int) -> tuple[int, bool]:
-        """Steps start..total; returns (steps done, stopped early)."""
-        cfg, s, total = self.cfg, self.state, self.plan.total_steps
-        if start == 0 and s.log_lines == 0 and self.val_enc:
+        """Steps start..total; returns (steps done, stopped early).
+
+        Pipelined, step n+1 is launched before step n is read back, except after a step that evaluates,
+        checkpoints or ends the run (those need its outcome and its weights first): the GPU never waits for
+        the host's logging and data preparation, and every decision is the one the unpipelined loop takes."""
+        cfg, total = self.cfg, self.plan.total_steps
+        if start == 0 and self.state.log_lines == 0 and self.val_enc:
             self.evaluate(0)
-        bar = None
+        self.bar = None
         if self.progress and dist.is_main():
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
+            self.bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
         self.model.train()
-        acc_tokens, t_last, done = 0, time.perf_counter(), start
+        self.acc_tokens, self.t_last = 0, time.perf_counter()
+        done, pending = start, None
         for step in range(start, total):
-            res = self.train_step(step)
-            if res is None:
+            current = self.launch(step)
+            if pending is not None:
+                self.after(pending)  # never a boundary: it only logs
+            pending = current
+            if self.pipelined and not self._boundary(step + 1):
                 continue
-            step_loss, gnorm, lr, tokens = res
-            s.acc_loss += step_loss
-            s.acc_steps += 1
-            acc_tokens += tokens
-            done = step + 1
-            if done % cfg.logging_steps == 0 or done == total:
-                now = time.perf_counter()
-                tps = acc_tokens / max(now - t_last, 1e-9)
-                rec = {"type": "train", "step": done, "epoch": round(done * self.plan.micro_batches_per_step /
-                                                                     self.plan.micro_batches_per_epoch, 4),
-                       "loss": s.acc_loss / s.acc_steps, "lr": lr, "grad_norm": gnorm, "tokens_per_s": round(tps, 1)}
-                self.logf.write(rec)
-                if bar is not None:
-                    bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:.0f}")
-                s.acc_loss, s.acc_steps, acc_tokens, t_last = 0.0, 0, 0, now
-            stop = bool(self.val_enc) and (done % cfg.eval_steps == 0 or done == total) and self.evaluate(done)
-            if bar is not None:
-                bar.update(1)
-            if (done % cfg.save_steps == 0 and done < total) or stop:
-                self.checkpoint(done)
-            if stop:
-                self.logf.write({"type": "event", "step": done, "event": "early_stop", "best_step": s.best_step,
-                                 "best_loss": s.best_loss})
-                if bar is not None:
-                    bar.close()
+            pending = None
+            if self.after(current):
+                done = step + 1
+                self.logf.write({"type": "event", "step": done, "event": "early_stop", "best_step": self.state.best_step,
+                                 "best_loss": self.state.best_loss})
+                self._close_bar()
                 return done, True
-        if bar is not None:
-            bar.close()
+            done = step + 1
+        self._close_bar()
         return max(done, total if total > start else start), False
+
+    def _boundary(self, done: int) -> bool:
+        """Whether the loop evaluates, checkpoints or ends after step `done` (if it is not skipped)."""
+        cfg = self.cfg
+        return done == self.plan.total_steps or done % cfg.save_steps == 0 or \
+            (bool(self.val_enc) and done % cfg.eval_steps == 0)
+
+    def after(self, p: "_Pending") -> bool:
+        """Everything that follows a step once its outcome is known: the log, and at boundaries evaluation
+        and checkpoints. True when early stopping says stop."""
+        res = self.resolve(p)
+        if res is None:
+            return False
+        cfg, s, total = self.cfg, self.state, self.plan.total_steps
+        step_loss, gnorm, lr, tokens = res
+        s.acc_loss += step_loss
+        s.acc_steps += 1
+        self.acc_tokens += tokens
+        done = p.step + 1
+        if done % cfg.logging_steps == 0 or done == total:
+            now = time.perf_counter()
+            tps = self.acc_tokens / max(now - self.t_last, 1e-9)
+            rec = {"type": "train", "step": done, "epoch": round(done * self.plan.micro_batches_per_step /
+                                                                 self.plan.micro_batches_per_epoch, 4),
+                   "loss": s.acc_loss / s.acc_steps, "lr": lr, "grad_norm": gnorm, "tokens_per_s": round(tps, 1)}
+            self.logf.write(rec)
+            if self.bar is not None:
+                self.bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:.0f}")
+            s.acc_loss, s.acc_steps, self.acc_tokens, self.t_last = 0.0, 0, 0, now
+        stop = bool(self.val_enc) and (done % cfg.eval_steps == 0 or done == total) and self.evaluate(done)
+        if self.bar is not None:
+            self.bar.update(1)
+        if (done % cfg.save_steps == 0 and done < total) or stop:
+            self.checkpoint(done)
+        return stop
+
+    def _close_bar(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
     # --- finish: never a non-finite adapter; early stopping restores the best one
     def finish(self, done: int) -> None:
@@ -435,6 +505,28 @@ class Trainer:
         self.finish(done)
         return TrainResult(self.out, self.plan.total_steps, self.last_eval, stopped,
                            None if ckpt is None else int(ckpt.name.split("-")[1]))
+
+
+@dataclass
+class _Pending:
+    """A launched optimizer step: what the host knows (lr, tokens, the normaliser) and the device values
+    (summed loss, non-finite verdict, summed grad norm) to read back, after `event` where pipelined."""
+    step: int
+    lr: float
+    denom: int
+    tokens: int
+    values: torch.Tensor
+    event: Any = None
+
+
+def _varlen_ready(model: torch.nn.Module) -> bool:
+    """The bucketed step's one-row batches need lorafit's fused attention (varlen, no mask) in every layer."""
+    from ..kernels.modules import FusedAttention
+
+    causal = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layers = list(getattr(getattr(causal, "model", None), "layers", []))
+    return bool(layers) and all(isinstance(getattr(layer, "self_attn", None), FusedAttention) and
+                                getattr(layer.self_attn, "varlen", False) for layer in layers)
 
 
 def train(cfg: TrainConfig, *, progress: bool = True, config_path: str | Path | None = None) -> TrainResult:

@@ -66,7 +66,7 @@ def step_kind(cfg: TrainConfig, fused: bool, device: torch.device, strategy: str
     if cfg.cuda_graph is False:
         return "eager_fused", "cuda_graph: false"
     on_gpu = device.type == "cuda"
-    blockers = [why for cond, why in ((cfg.packing, "packing"), (strategy == "fsdp", "FSDP"), (cfg.use_dora, "DoRA"),
+    blockers = [why for cond, why in ((strategy == "fsdp", "FSDP"), (cfg.use_dora, "DoRA"),
                                       (cfg.gradient_checkpointing, "gradient checkpointing"),
                                       (on_gpu and cfg.lora_dropout > 0 and not seeded,
                                        "LoRA dropout without Triton's seeded masks (torch's RNG is not replayed)"))

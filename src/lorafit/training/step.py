@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import data as D
+from ..data.packing import pack_batch
 from . import dist
 
 
@@ -64,8 +65,13 @@ def unwrap_ddp(model: torch.nn.Module) -> torch.nn.Module:
 
 
 @torch.no_grad()
-def evaluate_loss(model: torch.nn.Module, enc: D.Encoded, batch_size: int, pad_id: int, device: torch.device) -> float:
+def evaluate_loss(model: torch.nn.Module, enc: D.Encoded, batch_size: int, pad_id: int, device: torch.device,
+                  flat: bool = False) -> float:
     """Mean token loss on a validation set, sharded over ranks and summed.
+
+    flat: each batch's examples laid end to end in one row and run through lorafit's fused loss (the
+    model must be accelerated), as the bucketed training step runs them: no padding computed, the same
+    supervised tokens.
 
     Any set size works with any number of processes: a rank with no batch only joins the final
     all-reduce (DDP is bypassed, see `unwrap_ddp`); under FSDP every rank runs the same number of
@@ -81,8 +87,14 @@ def evaluate_loss(model: torch.nn.Module, enc: D.Encoded, batch_size: int, pad_i
     rounds = len(range(0, len(order), batch_size * ws)) if dist.is_sharded(model) else len(starts)
     for j in range(rounds):
         idx = order[starts[j]:starts[j] + batch_size] if j < len(starts) else order[:batch_size]
-        b = D.collate([enc.input_ids[i] for i in idx], [enc.labels[i] for i in idx], pad_id)
-        l, n = loss_sum(model, b, device)
+        ids, labels = [enc.input_ids[i] for i in idx], [enc.labels[i] for i in idx]
+        if flat:
+            from ..kernels import causal_lm_loss
+
+            b = {k: v.to(device) if torch.is_tensor(v) else v for k, v in pack_batch(ids, labels, pad_id=pad_id).items()}
+            l, n = causal_lm_loss(model, b, num_items_in_batch=1), int((b["labels"] != -100).sum())
+        else:
+            l, n = loss_sum(model, D.collate(ids, labels, pad_id), device)
         if j < len(starts):
             total += l.item()
             count += n
