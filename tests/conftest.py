@@ -11,11 +11,12 @@ import torch
 # Triton decides when lorafit.kernels is first imported whether its kernels are compiled or interpreted,
 # and any test module may import lorafit.training (which imports lorafit.kernels) first. So the CPU
 # interpreter is turned on here, before everything; `_triton_interpreter_only_for_kernel_tests` then
-# hides it from every test but tests/unit/test_kernels.py.
+# hides it from every test outside tests/unit/kernels/.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
+KERNEL_TESTS = ROOT / "tests" / "unit" / "kernels"
 SHARED_DATA = Path(os.environ.get("LORAFIT_SHARED_DATA", ROOT.parent / "shared" / "data"))
 
 # SmolLM2-135M's architecture, shrunk: same family, vocab and tokenizer, random weights.
@@ -62,10 +63,10 @@ def tiny_model_dir(tmp_path_factory, smollm2_gguf) -> str:
 
 @pytest.fixture(autouse=True)
 def _triton_interpreter_only_for_kernel_tests(request, monkeypatch):
-    """Triton's interpreter (TRITON_INTERPRET=1, set above) is for tests/unit/test_kernels.py, which checks
+    """Triton's interpreter (TRITON_INTERPRET=1, set above) is for tests/unit/kernels/, which checks
     the kernels on CPU. Other tests, and the processes they start, keep the plain torch paths they would
     take on any CPU machine: the interpreter is far too slow for them."""
-    if Path(str(request.node.fspath)).name != "test_kernels.py":
+    if KERNEL_TESTS not in Path(str(request.node.fspath)).resolve().parents:
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)
 
 

@@ -1,4 +1,5 @@
-"""Padding-free batches: examples laid end to end in one row, each with its own positions.
+"""Batch layouts: padded (`pad_batch`, named `collate` where the trainer and evaluator use it) and
+padding-free (`pack_batch`: examples laid end to end in one row, each with its own positions).
 
 `pack_batch` returns what Hugging Face causal LMs take for packed sequences (the same keys as
 transformers' DataCollatorWithFlattening with flash-attention kwargs):
@@ -17,7 +18,7 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["pack_batch", "pad_batch", "plan_packs"]
+__all__ = ["collate", "pack_batch", "pad_batch", "plan_packs"]
 
 IGNORE_INDEX = -100
 
@@ -71,7 +72,8 @@ def pack_batch(list_of_ids: Sequence[Sequence[int]], list_of_labels: Sequence[Se
 
 def pad_batch(list_of_ids: Sequence[Sequence[int]], list_of_labels: Sequence[Sequence[int]],
               pad_id: int = 0) -> dict[str, torch.Tensor]:
-    """The padded reference: right-pad to the longest example (as `lorafit.data.collate`)."""
+    """Right-pad to the longest example: the reference a pack must agree with, and the trainer's batch
+    when packing is off (as `collate`), so the two can never drift apart."""
     n = max(len(x) for x in list_of_ids)
     ids = torch.full((len(list_of_ids), n), pad_id, dtype=torch.long)
     lab = torch.full((len(list_of_ids), n), IGNORE_INDEX, dtype=torch.long)
@@ -81,6 +83,9 @@ def pad_batch(list_of_ids: Sequence[Sequence[int]], list_of_labels: Sequence[Seq
         lab[r, : len(l)] = torch.tensor(l)
         att[r, : len(i)] = 1
     return {"input_ids": ids, "labels": lab, "attention_mask": att}
+
+
+collate = pad_batch  # the name the trainer and the loss evaluation call it by
 
 
 def plan_packs(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:

@@ -1,6 +1,6 @@
 """Bytes of a data file -> ``(line, record)`` pairs: UTF-8 text, JSON lines, JSON arrays, CSV.
 
-Nothing here knows about formats (alpaca, ShareGPT, ...); `lorafit.data` turns the records into
+Nothing here knows about formats (alpaca, ShareGPT, ...); `formats` turns the records into
 examples. Every failure is a `DataError` naming the file and line -- never another exception,
 whatever the bytes (tests/unit/test_fuzz_readers.py). Each reader runs in linear time.
 """

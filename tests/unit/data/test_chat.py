@@ -1,0 +1,43 @@
+"""The chat template, loss mask and truncation (`data/chat.py`) on SmolLM2's real tokenizer."""
+import pytest
+
+from lorafit.data import CHATML_TEMPLATE, encode, ensure_template
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_model_dir):
+    from lorafit.model import load_tokenizer
+
+    return ensure_template(load_tokenizer(tiny_model_dir))
+
+
+def test_loss_mask_covers_exactly_the_answers(tok):
+    msgs = [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A one"},
+            {"role": "user", "content": "Q2"}, {"role": "assistant", "content": "A two"}]
+    ids, labels, trunc = encode(tok, msgs, max_length=1024)
+    assert not trunc and len(ids) == len(labels)
+    full = tok.apply_chat_template(msgs, tokenize=False)
+    assert tok.decode(ids) == full  # segment-wise tokenisation reproduces the template exactly
+    supervised = tok.decode([i for i, l in zip(ids, labels) if l != -100])
+    assert "A one" in supervised and "A two" in supervised
+    assert "Q1" not in supervised and "assistant" not in supervised and "system" not in supervised
+    ids2, labels2, _ = encode(tok, msgs, max_length=1024, train_on_prompt=True)
+    assert labels2 == ids2
+
+
+def test_truncation_keeps_answer_start_and_prompt_end(tok):
+    msgs = [{"role": "user", "content": "word " * 300 + "QUESTION?"}, {"role": "assistant", "content": "ANSWER " * 100}]
+    ids, labels, trunc = encode(tok, msgs, max_length=64)
+    assert trunc and len(ids) == 64
+    text = tok.decode(ids)
+    assert "QUESTION?" in text and "ANSWER" in text
+    assert sum(l != -100 for l in labels) == 32  # response budget max(64 // 2, 64 - len(prompt))
+
+
+def test_chatml_fallback(tok):
+    import copy
+
+    t = copy.deepcopy(tok)
+    t.chat_template = None
+    ensure_template(t)
+    assert t.chat_template == CHATML_TEMPLATE
