@@ -5,8 +5,8 @@ modules (modules) and the switch that installs them in a PEFT model (accelerate)
 batches are data layout and live in `lorafit.data.packing` (re-exported here for older callers). On a machine without CUDA or Triton every public function takes its
 reference path, so CPU training and tests run the same code.
 """
-from .accelerate import (Acceleration, accelerate_model, causal_lm_loss, decoder_forward, fused_layer_body,
-                         restore_model)
+from .accelerate import (Accelerated, Acceleration, accelerate_model, accelerated, causal_lm_loss, decoder_forward,
+                         fused_layer_body, restore_model)
 from .attention import causal_attention, varlen_attention, varlen_attention_reference
 from .cross_entropy import causal_lm_loss_reference, fused_causal_lm_loss
 from .graphs import CudaGraphStep
@@ -18,7 +18,8 @@ from .rotary import rope, rope_qk, rope_reference
 from .swiglu import swiglu, swiglu_reference
 
 __all__ = [
-    "Acceleration", "AdapterCache", "CudaGraphStep", "DropoutSeed", "LoraProj", "accelerate_model", "add_rms_norm", "add_rms_norm_reference",
+    "Accelerated", "Acceleration", "AdapterCache", "CudaGraphStep", "DropoutSeed", "LoraProj", "accelerate_model",
+    "accelerated", "add_rms_norm", "add_rms_norm_reference",
     "causal_attention", "decoder_forward", "causal_lm_loss", "causal_lm_loss_reference", "fused_layer_body",
     "fused_causal_lm_loss", "lora_group", "lora_group_reference", "pack_batch", "pad_batch", "plan_packs",
     "restore_model", "rms_norm", "rms_norm_reference", "rope", "rope_qk", "rope_reference", "swiglu",

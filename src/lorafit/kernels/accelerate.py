@@ -3,14 +3,18 @@
     model = accelerate_model(get_peft_model(base, lora_config))   # swaps modules in place
     loss = causal_lm_loss(model, batch)      # fused linear cross-entropy when enabled
     model.save_pretrained(out)               # same adapter files as without acceleration
+    accelerated(model).set_micro_batch(seed, k)   # seeded dropout: the masks of micro-batch k next
     restore_model(model)                     # the original modules back (e.g. before generation)
 
 Nothing is patched at import time and no library code changes: `accelerate_model` replaces module
 instances inside this one model, and each replacement falls back to the original forward where it
-cannot match it. Unsupported architectures are left as they are.
+cannot match it. Unsupported architectures are left as they are. What the fused modules share (settings,
+dropout seed, adapter cache, the pre-forward hook) is owned by the model's `Accelerated` handle, kept in
+a weak registry here: no attribute is hung on the transformers modules.
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Mapping
@@ -24,8 +28,8 @@ from .lora import AdapterCache
 from .modules import FusedAttention, FusedMLP, FusedRMSNorm
 from .rmsnorm import add_rms_norm
 
-__all__ = ["Acceleration", "accelerate_model", "causal_lm_loss", "decoder_forward", "fused_layer_body",
-           "restore_model"]
+__all__ = ["Accelerated", "Acceleration", "accelerate_model", "accelerated", "causal_lm_loss", "decoder_forward",
+           "fused_layer_body", "restore_model"]
 
 ATTENTION = ("LlamaAttention", "Qwen2Attention", "MistralAttention")
 MLP = ("LlamaMLP", "Qwen2MLP", "MistralMLP")
@@ -37,7 +41,7 @@ _FUSED = (FusedAttention, FusedMLP, FusedRMSNorm)
 
 @dataclass(frozen=True)
 class Acceleration:
-    """Which fused paths a model runs; stored on the *ForCausalLM as `lorafit_acceleration`."""
+    """Which fused paths a model runs: `accelerated(model).acceleration`."""
 
     fused_lora: bool = True
     fused_norm: bool = True
@@ -74,6 +78,74 @@ def _layers(causal: nn.Module) -> list[nn.Module]:
     return list(getattr(decoder, "layers", [])) if decoder is not None else []
 
 
+# Each accelerated *ForCausalLM's handle, for the kernels' own lookups (`causal_lm_loss`, `decoder_forward`).
+# Nothing is stored on the transformers modules; the keys are weak, so a model its caller drops is freed
+# with its entry (the handle holds the model only weakly, or its entry would keep it alive).
+_HANDLES: weakref.WeakKeyDictionary[nn.Module, Accelerated] = weakref.WeakKeyDictionary()
+_MICRO_BATCH_STRIDE = 1_000_003  # micro-batch k of a run seeded s draws from s * 1_000_003 + k, as the trainer's RNG
+
+
+class Accelerated:
+    """The handle of one accelerated model: its settings and the state its fused modules share.
+
+        model = accelerate_model(peft_model, seeded_dropout=True)
+        handle = accelerated(model)
+        handle.set_micro_batch(seed, k)    # the next forward draws micro-batch k's dropout masks
+        handle.restore()                   # the original modules back, as restore_model(model)
+
+    It owns the dropout seed (`DropoutSeed`, a device counter the fused LoRA products read), the adapter
+    cache (`AdapterCache`) and the pre-forward hook on the decoder that advances the one and refreshes the
+    other once per forward (a captured CUDA graph replays the hook's work too: new masks every replay).
+    """
+
+    def __init__(self, model: nn.Module, causal: nn.Module, acceleration: Acceleration,
+                 dropout_seed: DropoutSeed | None, adapter_cache: AdapterCache | None) -> None:
+        self._model, self._causal = weakref.ref(model), weakref.ref(causal)
+        self.acceleration = acceleration
+        self.dropout_seed = dropout_seed
+        self.adapter_cache = adapter_cache
+        self._hook = None
+        if dropout_seed is not None or adapter_cache is not None:
+            self._hook = causal.model.register_forward_pre_hook(lambda *_: self.before_forward())
+
+    @property
+    def model(self) -> nn.Module | None:
+        """The model `accelerate_model` was given (None once its caller has dropped it)."""
+        return self._model()
+
+    def set_micro_batch(self, seed: int, k: int) -> None:
+        """Make the next forward draw the dropout masks of micro-batch k of a run seeded `seed`: a pure
+        function of (seed, k), whatever ran before (a resumed run, another process, a warm-up).
+        A no-op without seeded dropout, where PEFT's dropout draws from torch's RNG."""
+        if self.dropout_seed is not None:
+            # the pre-forward hook advances the counter once before the layers draw: start one below
+            self.dropout_seed.value.fill_(seed * _MICRO_BATCH_STRIDE + k - 1)
+
+    def before_forward(self) -> None:
+        """Per decoder forward: the next dropout seed, and the adapters cast again (they may have stepped)."""
+        if self.dropout_seed is not None:
+            self.dropout_seed.advance()
+        if self.adapter_cache is not None:
+            self.adapter_cache.refresh()
+
+    def restore(self) -> nn.Module | None:
+        """Put the original modules back (`restore_model`); the handle is spent. Returns the model."""
+        causal = self._causal()
+        if causal is not None:
+            restore_model(causal)
+        return self.model
+
+    def _detach(self) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+
+def accelerated(model: nn.Module) -> Accelerated | None:
+    """The handle of a model `accelerate_model` swapped (PeftModel or *ForCausalLM); None if it is not."""
+    return _HANDLES.get(_causal_lm(model))
+
+
 def accelerate_model(model: nn.Module, *, fused_lora: bool = True, fused_norm: bool = True, fused_rope: bool = True,
                      fused_swiglu: bool = True, fused_ce: bool = True, varlen_attention: bool = True,
                      shared_dropout: bool = True, ce_chunk: int | None = None,
@@ -90,6 +162,7 @@ def accelerate_model(model: nn.Module, *, fused_lora: bool = True, fused_norm: b
     seeded_dropout: draw LoRA dropout masks from a step counter instead of the RNG state
         (`lorafit.kernels.dropout`), so activation checkpointing can run with
         preserve_rng_state=False inside a captured CUDA graph; GPU only, saves no masks.
+        `accelerated(model).set_micro_batch(seed, k)` picks the masks of the next forward.
     ce_chunk: rows of logits per cross-entropy chunk (None: about 256 MiB of bf16 logits, 1,046 rows
         for a 128,256-token vocabulary). checkpointed_ce_chunk: the rows per chunk instead while the
         decoder layers are activation-checkpointed and ce_chunk is None (None: the same default). The
@@ -102,19 +175,14 @@ def accelerate_model(model: nn.Module, *, fused_lora: bool = True, fused_norm: b
         adapters (lorafit refuses fused kernels under FSDP).
     sdpa_backend: pin the SDPA kernel of unpacked, unmasked batches ("cudnn", "flash", "efficient",
         "math"; None: PyTorch's choice, through Hugging Face's attention function).
-    Calling it again re-applies from the original modules with the new flags. Returns `model`.
+    Calling it again re-applies from the original modules with the new flags. Returns `model`, swapped
+    in place; `accelerated(model)` is its handle.
     """
     restore_model(model)
     causal = _causal_lm(model)
-    swapped = 0
     seed = DropoutSeed(next(causal.parameters()).device) if seeded_dropout else None
     cache = AdapterCache() if adapter_cache else None
-    if seed is not None:
-        causal.lorafit_dropout_seed = seed
-    if cache is not None:
-        causal.lorafit_adapter_cache = cache
-    if seed is not None or cache is not None:
-        causal.lorafit_forward_hook = causal.model.register_forward_pre_hook(lambda *_: _before_forward(causal))
+    swapped = 0
     for index, layer in enumerate(_layers(causal)):
         attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
         if type(attn).__name__ in ATTENTION and hasattr(attn, "head_dim"):
@@ -139,22 +207,13 @@ def accelerate_model(model: nn.Module, *, fused_lora: bool = True, fused_norm: b
     if fused_norm and type(getattr(decoder, "norm", None)).__name__ in NORM:
         decoder.norm = FusedRMSNorm(decoder.norm)
         swapped += 1
-    causal.lorafit_acceleration = Acceleration(
+    acceleration = Acceleration(
         fused_lora=fused_lora, fused_norm=fused_norm, fused_rope=fused_rope, fused_swiglu=fused_swiglu,
         fused_ce=fused_ce, varlen_attention=varlen_attention, shared_dropout=shared_dropout, ce_chunk=ce_chunk,
         seeded_dropout=seeded_dropout, swapped=swapped, fused_residual=fused_residual, sdpa_backend=sdpa_backend,
         checkpointed_ce_chunk=checkpointed_ce_chunk, adapter_cache=adapter_cache)
+    _HANDLES[causal] = Accelerated(model, causal, acceleration, seed, cache)
     return model
-
-
-def _before_forward(causal: nn.Module) -> None:
-    """Per decoder forward: the next dropout seed, and the adapters cast again (they may have stepped)."""
-    seed = getattr(causal, "lorafit_dropout_seed", None)
-    if seed is not None:
-        seed.advance()
-    cache = getattr(causal, "lorafit_adapter_cache", None)
-    if cache is not None:
-        cache.refresh()
 
 
 def restore_model(model: nn.Module) -> nn.Module:
@@ -169,12 +228,9 @@ def restore_model(model: nn.Module) -> nn.Module:
                 ref = child.reference_module
                 ref.train(child.training)
                 setattr(holder, name, ref)
-    for name in ("lorafit_acceleration", "lorafit_dropout_seed", "lorafit_adapter_cache"):
-        if hasattr(causal, name):
-            delattr(causal, name)
-    if hasattr(causal, "lorafit_forward_hook"):
-        causal.lorafit_forward_hook.remove()
-        del causal.lorafit_forward_hook
+    handle = _HANDLES.pop(causal, None)
+    if handle is not None:
+        handle._detach()
     return model
 
 
@@ -232,13 +288,14 @@ def decoder_forward(causal: nn.Module, input_ids: torch.Tensor, position_ids: to
     can be captured in a CUDA graph. Padded batches (an attention_mask) go through HF's forward.
     """
     decoder = causal.model
-    _before_forward(causal)  # what the pre-hook on decoder.forward does; this path bypasses that call
+    handle = _HANDLES.get(causal)
+    if handle is not None:
+        handle.before_forward()  # what the pre-hook on decoder.forward does; this path bypasses that call
     hidden = decoder.embed_tokens(input_ids)
     if position_ids is None:
         position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
     position_embeddings = decoder.rotary_emb(hidden, position_ids)
-    acc = getattr(causal, "lorafit_acceleration", None)
-    fused_residual = bool(acc is not None and acc.fused_residual)
+    fused_residual = bool(handle is not None and handle.acceleration.fused_residual)
     for layer in decoder.layers[: decoder.config.num_hidden_layers]:
         hidden = _run_layer(layer, hidden, fused_residual, position_ids=position_ids,
                             position_embeddings=position_embeddings, **attn_kwargs)
@@ -253,7 +310,8 @@ def causal_lm_loss(model: nn.Module, batch: Mapping[str, Any],
     state; otherwise `model(**batch).loss` (HF's loss, the reference). Both never use a KV cache.
     """
     causal = _causal_lm(model)
-    acc: Acceleration | None = getattr(causal, "lorafit_acceleration", None)
+    handle = _HANDLES.get(causal)
+    acc = handle.acceleration if handle is not None else None
     head = causal.get_output_embeddings() if hasattr(causal, "get_output_embeddings") else None
     extra = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
     if acc is None or not acc.fused_ce or not _plain_head(head) or "labels" not in batch:

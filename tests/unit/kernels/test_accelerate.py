@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lorafit.data.packing import pack_batch, pad_batch
-from lorafit.kernels import accelerate_model, causal_lm_loss, restore_model
+from lorafit.kernels import accelerate_model, accelerated, causal_lm_loss, restore_model
 from lorafit.kernels.modules import FusedAttention, FusedMLP, FusedRMSNorm
 
 from .helpers import DEV, loss_and_grads, rel, tiny_peft
@@ -17,7 +17,7 @@ def test_adapter_cache_follows_parameter_updates() -> None:
     """The cast adapters are refreshed every forward: after an update the fused loss is the new model's."""
     model = tiny_peft("llama")
     accelerate_model(model)
-    assert model.get_base_model().lorafit_adapter_cache is not None
+    assert accelerated(model).adapter_cache is not None
     model.eval()
     ids = torch.randint(0, 300, (2, 8), device=DEV)
     batch = {"input_ids": ids, "labels": ids}
@@ -155,7 +155,7 @@ def test_fused_residual_and_pinned_sdpa_match_plain_acceleration(kind: str, ckpt
     loss, grads = loss_and_grads(model, batch)
     handle.remove()
     assert calls == []  # the fused body reads the norm's weight instead of calling the module
-    assert causal.lorafit_acceleration.ce_rows(300, ckpt) == (5 if ckpt else max(64, (1 << 27) // 300))
+    assert accelerated(model).acceleration.ce_rows(300, ckpt) == (5 if ckpt else max(64, (1 << 27) // 300))
     assert abs(loss - ref_loss) < 1e-5 * abs(ref_loss)
     assert max(rel(grads[n], ref_grads[n]) for n in ref_grads) < 1e-4
     if ckpt:

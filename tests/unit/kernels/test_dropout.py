@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lorafit.kernels import accelerate_model
+from lorafit.kernels import accelerate_model, accelerated
 
 from .helpers import DEV, loss_and_grads, needs_triton, rel, tiny_peft
 
@@ -38,7 +38,7 @@ def test_seeded_dropout_survives_checkpointing_without_rng_state() -> None:
     accelerate_model(model, seeded_dropout=True)
     ids = torch.randint(0, 300, (2, 8), device=DEV)
     batch = {"input_ids": ids, "labels": ids}
-    seed = model.get_base_model().lorafit_dropout_seed
+    seed = accelerated(model).dropout_seed
     _, plain = loss_and_grads(model, batch)
     seed.value.sub_(1)  # the next forward draws the same masks again
     model.get_base_model().gradient_checkpointing_enable(
