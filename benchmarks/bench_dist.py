@@ -1,30 +1,27 @@
-"""Data-parallel scaling of LoRA training: global tokens/s and per-GPU memory, DDP vs FSDP2, on N GPUs.
+"""Scaling of lorafit's trainer over N GPUs, per strategy: throughput, memory per GPU, parameters per rank.
 
-    # driver: one torchrun per N (N above the visible GPU count is skipped), one summary JSON
-    python benchmarks/bench_dist.py --sweep 1,2,4 --strategy ddp,fsdp --model llama3-8b --out DIR
-    # one N by hand (what the driver launches)
-    torchrun --standalone --nproc_per_node 2 benchmarks/bench_dist.py --strategy ddp,fsdp --model llama3-8b --out DIR
+    # driver: one torchrun per N of the sweep (the model folder and data are written once, first)
+    python benchmarks/bench_dist.py --sweep 1,2,4 --strategy ddp,fsdp,graph --model llama3-8b --out DIR
     # CPU smoke (gloo): the same code path in a minute
     python benchmarks/bench_dist.py --sweep 1,2 --device cpu --model smollm2-135m --steps 2 --warmup 1 --length 64 --out DIR
 
-Each rank builds the random-weight model of the named real shape (`speed_common.SHAPES`) directly on
-its GPU with `speed_common.build` (bf16, LoRA r 16, alpha 32, dropout 0.1 on all seven projections),
-wraps it with `lorafit.training.dist.wrap` as the trainer does, and trains `--warmup` + `--steps`
-steps of a per-rank batch of 2 x 1024 random tokens: the plain HF + PEFT forward (`model(...).loss`,
-no lorafit kernels), backward, clipping at 1.0, fused AdamW. Step time is wall time between
-`cuda.synchronize()` calls; global tokens/s = N x batch x length / the slowest rank's median step.
-Memory is `torch.cuda.max_memory_allocated` from after wrapping to the end, per rank, and the bytes
-of parameters each rank holds (all of them under DDP, 1/N of them under FSDP).
+Every run is lorafit's own trainer (`lorafit.training.loop.Trainer`, what `lorafit train --nproc N` runs in
+each process), built from a config in each torchrun process, so the step, the wrapper and the all-reduce
+are the product's. The model is a random-weight folder of the named real shape (`shapes.SHAPES`, bf16,
+SmolLM2's tokenizer); the data synthetic examples longer than `--length`, so each rank's micro-batch is
+`--batch` x `--length` tokens without padding. LoRA r 16, alpha 32, dropout 0.1 on all linear layers,
+AdamW, clipping at 1.0, constant LR 1e-4, `--warmup` + `--steps` optimizer steps, logged every step.
 
-Strategy `graph` is lorafit's fast path on N GPUs without DDP: the fused kernels (`accelerate_model`),
-loss and backward replayed as one CUDA graph (`CudaGraphStep(eager_tail=True)`), then one flat
-all-reduce of the LoRA gradients (`dist.average_gradients`), clipping and fused AdamW, eagerly. Its
-N = 1 run is the same code without the all-reduce, and is the baseline of its own ratios. On CPU it
-runs the same step eagerly (no graph), to test the code path.
-
-One process per N runs every strategy in turn (the model is rebuilt for each): one start-up per N
-keeps a 1,2,4 sweep of Llama-3-8B within a few minutes. N = 1 is the plain single-process run,
-the baseline of the speed-up ratios (targets: >= 1.9x on 2 GPUs, >= 3.7x on 4).
+Strategies (config keys):
+  ddp     `distributed: ddp, fused_kernels: false`: HF + PEFT's forward under DDP
+  fsdp    `distributed: fsdp, fused_kernels: false`: each rank holds 1/N of the weights
+  graph   `distributed: ddp` with lorafit's defaults: fused kernels and the bucketed CUDA-graph step, no DDP
+          wrapper, one flat all-reduce of the LoRA gradients (on CPU: the eager step, no timing meaning)
+  single  (N = 1, the baseline of ddp and fsdp) `fused_kernels: false`
+N = 1 runs `single` for ddp/fsdp and `graph` for graph: each strategy's ratio is against its own one-GPU
+run (targets: >= 1.9x on 2 GPUs, >= 3.7x on 4). Tokens/s is the trainer's own log figure (global, real
+tokens), the median of the steps after `--warmup`. Memory per rank is `torch.cuda.max_memory_allocated`
+over the run; parameters per rank are the bytes each rank's wrapped model holds (its shard of a DTensor).
 """
 from __future__ import annotations
 
@@ -32,6 +29,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -39,43 +37,26 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-from lorafit.training import dist  # noqa: E402
+from shapes import SHAPES, build_model_folder, write_long_examples
 
 GIB = 1024 ** 3
 TARGETS_X = {2: 1.9, 4: 3.7}
+STRATEGIES = {"single": {"fused_kernels": False}, "ddp": {"distributed": "ddp", "fused_kernels": False},
+              "fsdp": {"distributed": "fsdp", "fused_kernels": False}, "graph": {"distributed": "ddp"}}
 
 
-def build_model(name: str, device: torch.device) -> Any:
-    """speed_common's model on this rank's GPU; on CPU the same recipe in float32 (smoke tests only:
-    speed_common.build allocates on CUDA)."""
-    from speed_common import SHAPES, TARGETS, build
-
-    if device.type == "cuda":
-        return build(name)
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
-
-    shape = dict(SHAPES[name])
-    cfg_cls, model_cls = (LlamaConfig, LlamaForCausalLM) if shape.pop("family") == "llama" else (Qwen2Config, Qwen2ForCausalLM)
-    torch.manual_seed(0)
-    model = model_cls(cfg_cls(**shape, attn_implementation="sdpa", use_cache=False))
-    model.requires_grad_(False)
-    return get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.1, target_modules=TARGETS,
-                                            bias="none", task_type="CAUSAL_LM"))
+def run_config(args: argparse.Namespace, strategy: str, world_size: int) -> dict[str, Any]:
+    work = Path(args.work)
+    return {"model": str(work / args.model), "data": [str(work / f"long-{args.length}.json")],
+            "max_length": args.length, "batch_size": args.batch, "max_steps": args.warmup + args.steps,
+            "learning_rate": 1e-4, "lr_scheduler": "constant", "warmup_steps": 0, "warmup_ratio": 0.0,
+            "lora_rank": 16, "lora_alpha": 32, "lora_dropout": 0.1, "target_modules": "all-linear",
+            "max_grad_norm": 1.0, "logging_steps": 1, "eval_steps": 10 ** 6, "save_steps": 10 ** 6, "seed": 0,
+            "device": args.device, "output_dir": str(work / "runs" / f"{strategy}-n{world_size}"),
+            **STRATEGIES[strategy]}
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def local_param_bytes(model: torch.nn.Module) -> int:
+def local_param_bytes(model: Any) -> int:
     """Bytes of parameters this rank holds: its shard of a DTensor, else the whole tensor."""
     from torch.distributed.tensor import DTensor
 
@@ -83,6 +64,10 @@ def local_param_bytes(model: torch.nn.Module) -> int:
 
 
 def gather(obj: Any) -> list[Any]:
+    import torch
+
+    from lorafit.training import dist
+
     if dist.world()[2] == 1:
         return [obj]
     out: list[Any] = [None] * dist.world()[2]
@@ -90,112 +75,63 @@ def gather(obj: Any) -> list[Any]:
     return out
 
 
-def graph_steps(args: argparse.Namespace, model: Any, batches: list[torch.Tensor], device: torch.device
-                ) -> tuple[list[float], list[float], Any]:
-    """Strategy `graph`: fused kernels, captured loss + backward, one flat gradient all-reduce."""
-    from lorafit.kernels import CudaGraphStep, accelerate_model, causal_lm_loss
+def run_strategy(args: argparse.Namespace, strategy: str) -> dict[str, Any]:
+    """One run of lorafit's trainer in this torchrun process; one record for all ranks (rank 0's is kept)."""
+    import torch
 
-    model = accelerate_model(model)
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    rows = [{"input_ids": ids, "labels": ids} for ids in batches]
-    if device.type == "cuda":
-        opt = torch.optim.AdamW(params, lr=torch.tensor(1e-4, device=device), fused=True, capturable=True)
-        step = CudaGraphStep(model, opt, rows[0], max_grad_norm=1.0, warmup_steps=max(args.warmup, 2),
-                             grad_hook=dist.average_gradients, eager_tail=True)
-        warmup = 0
-    else:  # the same step, eagerly: the code path on CPU, no timing meaning
-        opt = torch.optim.AdamW(params, lr=1e-4)
-        warmup = args.warmup
-
-        def step(batch: dict) -> torch.Tensor:
-            opt.zero_grad(set_to_none=True)
-            loss = causal_lm_loss(model, batch)
-            loss.backward()
-            dist.average_gradients(params)
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            return loss.detach()
-    times, losses = [], []
-    for i in range(warmup + args.steps):
-        sync(device)
-        start = time.perf_counter()
-        loss = step(rows[i % len(rows)])
-        sync(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-        losses.append(round(loss.item(), 5))
-    gnorm = float(torch.linalg.vector_norm(torch.stack([p.grad.float().norm() for p in params])))
-    return times, losses, gnorm
-
-
-def run_strategy(args: argparse.Namespace, strategy: str, device: torch.device) -> dict[str, Any]:
-    """Build, wrap, train warmup + steps steps; one record for all ranks (every rank returns it)."""
-    from speed_common import free
+    import lorafit
+    from lorafit.training import dist
+    from lorafit.training.loop import Trainer
 
     rank, _, ws = dist.world()
+    cfg = run_config(args, strategy, ws)
+    cuda = args.device == "cuda"
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    trainer = Trainer(lorafit.load_config(None, cfg), progress=False)
     t0 = time.perf_counter()
-    model = build_model(args.model, device)
-    n_params = sum(p.numel() for p in model.parameters())
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    graph = strategy == "graph"
-    wrapped = model if graph else dist.wrap(model, strategy, device)
-    params = [p for p in wrapped.parameters() if p.requires_grad]
-    opt = None if graph else torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
-    sync(device)
-    build_s = time.perf_counter() - t0
-    vocab = model.get_base_model().config.vocab_size
-    g = torch.Generator().manual_seed(1000 + rank)  # every rank its own data, as in training
-    batches = [torch.randint(0, vocab, (args.batch, args.length), generator=g).to(device) for _ in range(4)]
-    wrapped.train()
-    if device.type == "cuda":
-        free()
-        torch.cuda.reset_peak_memory_stats(device)
-    times, losses = [], []
-    if graph:
-        times, losses, gnorm = graph_steps(args, model, batches, device)
-    for i in range(0 if graph else args.warmup + args.steps):
-        ids = batches[i % len(batches)]
-        sync(device)
-        start = time.perf_counter()
-        loss = wrapped(input_ids=ids, labels=ids).loss
-        loss.backward()
-        gnorm = dist.as_float(torch.nn.utils.clip_grad_norm_(params, 1.0))
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sync(device)
-        if i >= args.warmup:
-            times.append(time.perf_counter() - start)
-        losses.append(round(loss.item(), 5))
-    mine = {"step_s_median": statistics.median(times),
-            "peak_gib": torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None,
-            "param_gib": local_param_bytes(wrapped) / GIB, "build_s": build_s}
+    try:
+        trainer.run()
+        mine = {"param_gib": local_param_bytes(trainer.model) / GIB,
+                "peak_gib": torch.cuda.max_memory_allocated() / GIB if cuda else None,
+                "params": sum(p.numel() for p in trainer.model.parameters()),
+                "trainable": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)}
+    finally:
+        trainer.close()
+    wall = time.perf_counter() - t0
     ranks = gather(mine)
-    slowest = max(r["step_s_median"] for r in ranks)
-    rec = {"strategy": strategy, "world_size": ws, "step_s_median": slowest,
-           "tokens_per_s": ws * args.batch * args.length / slowest,
-           "tokens_per_s_per_gpu": args.batch * args.length / slowest,
+    del trainer
+    rec = {"strategy": strategy, "world_size": ws, "wall_s": round(wall, 1), "config": cfg,
            "peak_gib_per_rank": [r["peak_gib"] for r in ranks], "param_gib_per_rank": [r["param_gib"] for r in ranks],
-           "build_s": max(r["build_s"] for r in ranks), "step_s_all_rank0": [round(t, 5) for t in times],
-           "losses_rank0": losses, "last_grad_norm": gnorm, "params": n_params, "trainable_params": n_train}
+           "params": mine["params"], "trainable_params": mine["trainable"]}
     if rank == 0:
+        recs = [json.loads(line) for line in (Path(cfg["output_dir"]) / "log.jsonl").read_text().splitlines()]
+        start = next(r for r in recs if r.get("event") == "start")
+        train = [r for r in recs if r["type"] == "train"]
+        rates = [r["tokens_per_s"] for r in train if r["step"] > args.warmup] or [r["tokens_per_s"] for r in train]
+        tps = statistics.median(rates)
+        rec.update(step_kind=start.get("step_kind"), step_fallback=start.get("step_fallback"),
+                   distributed=start.get("distributed"), tokens_per_s=tps, tokens_per_s_per_gpu=tps / ws,
+                   step_s_median=ws * args.batch * args.length / tps, losses=[r["loss"] for r in train],
+                   grad_norms=[r["grad_norm"] for r in train], tokens_per_s_all=[r["tokens_per_s"] for r in train])
         peak = rec["peak_gib_per_rank"][0]
-        print(f"  N={ws} {strategy:<6} {rec['tokens_per_s']:>10,.0f} tok/s  {1000 * slowest:8.1f} ms/step  "
+        print(f"  N={ws} {strategy:<6} {tps:>10,.0f} tok/s  {1000 * rec['step_s_median']:8.1f} ms/step  "
               + ("" if peak is None else f"peak {max(rec['peak_gib_per_rank']):6.2f} GiB  ")
-              + f"params {rec['param_gib_per_rank'][0]:.2f} GiB/rank", flush=True)
-    del wrapped, model, opt, params, batches
-    free()
+              + f"params {rec['param_gib_per_rank'][0]:.2f} GiB/rank  [{rec['step_kind']}]", flush=True)
     return rec
 
 
 def worker(args: argparse.Namespace) -> None:
-    from speed_common import guarded
+    import traceback
+
+    import torch
+
+    from lorafit.training import dist
 
     rank, local, ws = dist.world()
-    device = torch.device("cuda", local) if args.device == "cuda" else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dist.init(device)
+    if args.device == "cuda":
+        torch.cuda.set_device(local)
     asked = args.strategy.split(",")
     if ws == 1:  # the baselines: the plain single-GPU run for ddp/fsdp, the single-GPU graph run for graph
         strategies = (["single"] if {"ddp", "fsdp"} & set(asked) else []) + (["graph"] if "graph" in asked else [])
@@ -203,16 +139,18 @@ def worker(args: argparse.Namespace) -> None:
         strategies = asked
     runs: dict[str, Any] = {}
     for s in strategies:
-        guarded(runs, s, lambda s=s: run_strategy(args, s, device))
+        try:
+            runs[s] = run_strategy(args, s)
+        except Exception as e:  # noqa: BLE001 - a benchmark reports every failure and goes on
+            traceback.print_exc()
+            runs[s] = {"error": f"{type(e).__name__}: {e}"}
     if rank == 0:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        rec = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.machine()})",
-               "world_size": ws, "backend": "nccl" if device.type == "cuda" else "gloo", "model": args.model,
+        rec = {"device": torch.cuda.get_device_name(local) if args.device == "cuda" else f"cpu ({platform.machine()})",
+               "world_size": ws, "backend": "nccl" if args.device == "cuda" else "gloo", "model": args.model,
                "torch": torch.__version__, "settings": {k: getattr(args, k) for k in ("batch", "length", "steps", "warmup")},
-               "lora": "r16 alpha32 dropout0.1 q,k,v,o,gate,up,down; AdamW fused; clip 1.0; HF+PEFT forward "
-                       "(ddp, fsdp, single); lorafit fused kernels + CUDA graph + flat all-reduce (graph)",
-               "runs": runs}
+               "lora": "r16 alpha32 dropout0.1 all-linear; lorafit's trainer (Trainer.run) per strategy", "runs": runs}
         (out / f"dist-{args.model}-n{ws}.json").write_text(json.dumps(rec, indent=1))
     dist.barrier()
     dist.cleanup()
@@ -233,7 +171,7 @@ def summarize(per_n: dict[int, dict[str, Any]], strategies: list[str]) -> dict[s
                 continue
             ratio = None if base is None else r["tokens_per_s"] / base
             peaks = [p for p in r["peak_gib_per_rank"] if p is not None]
-            table[f"{s}-n{n}"] = {"tokens_per_s": r["tokens_per_s"], "speedup_vs_1": ratio,
+            table[f"{s}-n{n}"] = {"tokens_per_s": r["tokens_per_s"], "speedup_vs_1": ratio, "step_kind": r.get("step_kind"),
                                   "target": TARGETS_X.get(n), "meets_target": None if ratio is None or n not in TARGETS_X
                                   else ratio >= TARGETS_X[n], "peak_gib_max": max(peaks) if peaks else None,
                                   "param_gib_per_rank": r["param_gib_per_rank"][0]}
@@ -248,13 +186,20 @@ def summarize(per_n: dict[int, dict[str, Any]], strategies: list[str]) -> dict[s
 
 
 def sweep(args: argparse.Namespace) -> None:
+    import torch
+
     ns = [int(x) for x in args.sweep.split(",")]
     have = torch.cuda.device_count() if args.device == "cuda" else max(ns)
-    out = Path(args.out)
+    out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
-    per_n, skipped, t0 = {}, [], time.perf_counter()
+    t0 = time.perf_counter()
+    build_model_folder(args.model, work / args.model, device=args.device)
+    write_long_examples(work / f"long-{args.length}.json", 64, args.length)
+    shutil.rmtree(work / "runs", ignore_errors=True)  # a finished run there would be taken as done
+    per_n, skipped = {}, []
     passthrough = ["--model", args.model, "--strategy", args.strategy, "--device", args.device, "--steps", str(args.steps),
-                   "--warmup", str(args.warmup), "--batch", str(args.batch), "--length", str(args.length), "--out", str(out)]
+                   "--warmup", str(args.warmup), "--batch", str(args.batch), "--length", str(args.length),
+                   "--work", str(work), "--out", str(out)]
     for n in ns:
         if n > have:
             skipped.append(n)
@@ -282,13 +227,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sweep", default=None, help="driver mode: comma-separated process counts, e.g. 1,2,4")
     ap.add_argument("--strategy", default="ddp,fsdp", help="comma-separated: ddp, fsdp, graph")
-    ap.add_argument("--model", default="llama3-8b", help="a speed_common.SHAPES name")
+    ap.add_argument("--model", default="llama3-8b", choices=sorted(SHAPES), help="the shape of the random-weight model")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--batch", type=int, default=2, help="rows per GPU")
-    ap.add_argument("--length", type=int, default=1024)
+    ap.add_argument("--batch", type=int, default=2, help="rows per GPU (batch_size)")
+    ap.add_argument("--length", type=int, default=1024, help="tokens per row (max_length)")
     ap.add_argument("--timeout", type=int, default=600, help="seconds per torchrun launch (driver)")
+    ap.add_argument("--work", default="/tmp/bench-dist", help="model folder, data and run folders")
     ap.add_argument("--out", default="benchmarks/results/dist")
     args = ap.parse_args()
     if any(s not in ("ddp", "fsdp", "graph") for s in args.strategy.split(",")):

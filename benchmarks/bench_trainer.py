@@ -1,26 +1,37 @@
-"""`lorafit train` end to end against HF Trainer + PEFT (the engine under LLaMA-Factory), same model, data,
-data order and settings, on one GPU.
+"""`lorafit train` end to end against HF Trainer + PEFT (the engine under LLaMA-Factory), Liger Kernel and
+TRL's SFTTrainer: same model, data, data order and settings, on one GPU.
 
     python benchmarks/bench_nproc.py prepare              # here: Bitext, 800 examples (benchmarks/data-nproc)
-    python benchmarks/bench_trainer.py --out DIR [--steps 40] [--rows hf,lorafit-eager,lorafit]
+    bash benchmarks/device_bench.sh wheels                # here: TRL, Liger Kernel and their missing deps as wheels
+    bash benchmarks/device_bench.sh trainer --out $OUT --steps 40     # on the GPU: install them, then this script
+    python benchmarks/bench_trainer.py --out DIR [--steps 40] [--rows hf,trl,liger,lorafit-eager,lorafit]
 
 Model: a random-weight Llama-3-8B-shape folder (bf16, SmolLM2's tokenizer; bench_nproc.build_model).
 Settings: the write-up's (batch 2, max_length 1024, LoRA r16/alpha 32/dropout 0.1 on all linear layers,
 lr 1e-4, warmup 20 steps then cosine), no validation, logging every step.
-Rows:
-- `hf`: transformers' Trainer + PEFT, bf16, SDPA, `adamw_torch_fused`, `DataCollatorForSeq2Seq`, fed
-  lorafit's own tokenised examples in lorafit's data order (a sequential sampler), so both see the same
-  micro-batches;
+Rows, each in a process of its own:
+- `hf`: transformers' Trainer + PEFT, bf16, SDPA, `adamw_torch_fused`, `DataCollatorForSeq2Seq`
+  (benchmarks/hf_rows.py), fed lorafit's own tokenised examples in lorafit's data order (a sequential
+  sampler), so every row sees the same micro-batches;
+- `liger`: the same with `use_liger_kernel=True` (Liger Kernel's Triton kernels patched into the model);
+- `trl`: TRL's `SFTTrainer` with a PEFT `LoraConfig`, the same data, order and settings;
 - `lorafit-eager`: `lorafit train` with `fused_kernels: false` (the eager HF + PEFT step);
-- `lorafit`: `lorafit train` with its defaults (fused kernels, the bucketed CUDA-graph step).
+- `lorafit`: `lorafit train` with its defaults (fused kernels, the bucketed CUDA-graph step);
+- `lorafit-packing`: `lorafit train` with `packing: true` (packs of batch_size x max_length tokens: fewer,
+  fuller steps, so its losses are not step for step comparable with the others).
+A row whose package is not importable (trl, liger_kernel) is recorded as skipped.
 Tokens/s counts non-padding tokens; each row's figure is the median per-step rate over the second half
-of the steps (the first include CUDA's warm-up and graph captures). Peak memory: max_memory_allocated.
+of the steps (the first include CUDA's warm-up and graph captures). Seconds per epoch: the training
+set's real tokens / that rate. Peak memory: max_memory_allocated. Losses: per step, and each row's largest
+per-step relative difference from the `hf` row's (the rows draw different dropout masks).
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -29,57 +40,12 @@ from pathlib import Path
 
 import yaml
 
+from bench_nproc import build_model
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from bench_nproc import build_model  # noqa: E402
-
-HF_SCRIPT = r'''
-import json, sys, time, torch
-from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
-from lorafit.config import load_config
-from lorafit import data as D
-from lorafit.model import load_tokenizer
-from lorafit.training.batches import Stream
-
-cfg = load_config(sys.argv[1]); out = sys.argv[2]; steps = cfg.max_steps
-tok = D.ensure_template(load_tokenizer(cfg.model), cfg.template)
-enc = D.encode_all(tok, D.build_datasets(cfg).train, cfg)
-stream = Stream(enc, cfg.batch_size, cfg.seed, tok.pad_token_id)
-order = [i for k in range(steps * cfg.gradient_accumulation_steps) for i in stream.indices(k)]  # lorafit's order
-rows = [{"input_ids": enc.input_ids[i], "attention_mask": [1] * len(enc.input_ids[i]), "labels": enc.labels[i]} for i in order]
-tokens = [len(r["input_ids"]) for r in rows]
-
-class InOrder(Trainer):
-    def _get_train_sampler(self, *a, **k):
-        return torch.utils.data.SequentialSampler(self.train_dataset)
-
-class Clock(TrainerCallback):
-    def __init__(self): self.t = []
-    def on_step_begin(self, args, state, control, **kw):
-        if not self.t: torch.cuda.synchronize(); self.t.append(time.perf_counter())
-    def on_step_end(self, args, state, control, **kw):
-        torch.cuda.synchronize(); self.t.append(time.perf_counter())
-
-model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.bfloat16, attn_implementation="sdpa").cuda()
-model = get_peft_model(model, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                                         target_modules="all-linear", task_type="CAUSAL_LM"))
-args = TrainingArguments(output_dir=out, per_device_train_batch_size=cfg.batch_size, max_steps=steps,
-                         gradient_accumulation_steps=cfg.gradient_accumulation_steps, learning_rate=cfg.learning_rate,
-                         warmup_steps=cfg.warmup_steps, lr_scheduler_type="cosine", bf16=True, optim="adamw_torch_fused",
-                         logging_steps=1, save_strategy="no", report_to=[], seed=cfg.seed, max_grad_norm=cfg.max_grad_norm,
-                         dataloader_num_workers=0, remove_unused_columns=False)
-clock = Clock()
-torch.cuda.reset_peak_memory_stats()
-tr = InOrder(model=model, args=args, train_dataset=rows, callbacks=[clock],
-             data_collator=DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100))
-tr.train()
-per_step = cfg.batch_size * cfg.gradient_accumulation_steps
-rates = [sum(tokens[s * per_step:(s + 1) * per_step]) / (clock.t[s + 1] - clock.t[s]) for s in range(len(clock.t) - 1)]
-losses = [(h["step"], h["loss"]) for h in tr.state.log_history if "loss" in h]
-json.dump({"tokens_per_s": rates, "losses": losses, "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
-           "train_s": clock.t[-1] - clock.t[0]}, open(out + "/hf.json", "w"))
-'''
+HF_ROWS = {"hf": None, "liger": "liger_kernel", "trl": "trl"}  # row -> the package it needs beyond transformers
+LORAFIT_ROWS = {"lorafit-eager": {"fused_kernels": False}, "lorafit": {}, "lorafit-packing": {"packing": True}}
+DEFAULT_ROWS = "hf,trl,liger,lorafit-eager,lorafit,lorafit-packing"
 
 
 def second_half_median(xs: list[float]) -> float | None:
@@ -87,66 +53,111 @@ def second_half_median(xs: list[float]) -> float | None:
     return statistics.median(xs) if xs else None
 
 
-def run_row(name: str, cfg: dict, out: Path) -> dict:
+def run_row(name: str, cfg: dict, out: Path, work: Path) -> dict:
     path = out / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     t0 = time.perf_counter()
-    if name == "hf":
-        work = Path("/tmp/bench-trainer/hf")
-        work.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-c", HF_SCRIPT, str(path), str(work)]
+    if name in HF_ROWS:
+        need = HF_ROWS[name]
+        if need and importlib.util.find_spec(need) is None:
+            return {"skipped": f"{need} is not importable here (on the GPU machine: benchmarks/device_bench.sh install)"}
+        result = work / "hf-rows" / f"{name}.json"
+        result.unlink(missing_ok=True)
+        cmd = [sys.executable, str(ROOT / "benchmarks" / "hf_rows.py"), name, str(path), str(work / "hf-rows")]
         r = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        res = json.loads((work / "hf.json").read_text()) if (work / "hf.json").is_file() else {}
-        row = {"command": "HF Trainer + PEFT (benchmarks/bench_trainer.py HF_SCRIPT)", "losses": res.get("losses"),
-               "tokens_per_s": second_half_median(res.get("tokens_per_s", [])), "peak_memory_gib": res.get("peak_memory_gib")}
+        res = json.loads(result.read_text()) if result.is_file() else {}
+        row = {"command": f"python benchmarks/hf_rows.py {name} {path.name} WORK", "losses": res.get("losses"),
+               "tokens_per_s": second_half_median(res.get("tokens_per_s", [])), "peak_memory_gib": res.get("peak_memory_gib"),
+               "tokens_per_s_all": res.get("tokens_per_s"), "versions": res.get("versions")}
     else:
         cmd = [sys.executable, "-m", "lorafit", "train", str(path), "--no-progress"]
         r = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        recs = [json.loads(ln) for ln in (Path(cfg["output_dir"]) / "log.jsonl").read_text().splitlines()] \
-            if (Path(cfg["output_dir"]) / "log.jsonl").is_file() else []
+        log = Path(cfg["output_dir"]) / "log.jsonl"
+        recs = [json.loads(ln) for ln in log.read_text().splitlines()] if log.is_file() else []
+        start = next((x for x in recs if x.get("event") == "start"), {})
         end = next((x for x in recs if x.get("event") == "end"), {})
-        row = {"command": f"lorafit train {path.name}", "losses": [(x["step"], x["loss"]) for x in recs if x["type"] == "train"],
-               "tokens_per_s": second_half_median([x["tokens_per_s"] for x in recs if x["type"] == "train"]),
-               "peak_memory_gib": end.get("peak_memory_gib"), "step": recs[0].get("step_kind") if recs else None,
-               "graphs": end.get("graphs")}
+        train = [x for x in recs if x["type"] == "train"]
+        row = {"command": f"lorafit train {path.name}", "losses": [(x["step"], x["loss"]) for x in train],
+               "tokens_per_s": second_half_median([x["tokens_per_s"] for x in train]),
+               "tokens_per_s_all": [x["tokens_per_s"] for x in train], "peak_memory_gib": end.get("peak_memory_gib"),
+               "step": start.get("step_kind"), "step_fallback": start.get("step_fallback"), "graphs": end.get("graphs")}
     row.update(exit=r.returncode, wall_s=round(time.perf_counter() - t0, 1), stderr_tail=r.stderr[-2000:] if r.returncode else "")
     return row
 
 
-def main() -> int:
+def epoch_tokens(cfg: dict) -> int:
+    """Real tokens of one epoch of the training set, as lorafit encodes it."""
+    import lorafit
+    from lorafit import data as D
+    from lorafit.model import load_tokenizer
+
+    conf = lorafit.load_config(None, cfg)
+    tok = D.ensure_template(load_tokenizer(conf.model), conf.template)
+    return sum(map(len, D.encode_all(tok, D.build_datasets(conf).train, conf).input_ids))
+
+
+def compare(rows: dict, per_epoch: int) -> dict:
+    """Each row against `hf`: tokens/s ratio, and the largest per-step relative loss difference."""
+    hf = rows.get("hf", {})
+    ref = dict(hf.get("losses") or [])
+    speedup = {}
+    for name, row in rows.items():
+        if row.get("tokens_per_s"):
+            row["s_per_epoch"] = per_epoch / row["tokens_per_s"]
+            if hf.get("tokens_per_s"):
+                speedup[name] = row["tokens_per_s"] / hf["tokens_per_s"]
+        rel = [abs(loss - ref[s]) / abs(ref[s]) for s, loss in row.get("losses") or [] if s in ref]
+        if rel and name != "hf" and name != "lorafit-packing":
+            row["loss_vs_hf_max_rel_diff"] = max(rel)
+    return speedup
+
+
+def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=str(ROOT / "benchmarks" / "data-nproc"))
     ap.add_argument("--out", required=True)
     ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--rows", default="hf,lorafit-eager,lorafit")
-    ap.add_argument("--model-dir", default="/tmp/llama3-8b-shape")
-    a = ap.parse_args()
+    ap.add_argument("--rows", default=DEFAULT_ROWS)
+    ap.add_argument("--model-dir", default="/tmp/llama3-8b-shape", help="built there unless it holds a model already")
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: the code paths, with a small --model-dir")
+    ap.add_argument("--work", default="/tmp/bench-trainer", help="run folders")
+    a = ap.parse_args(argv)
+    names = [n for n in a.rows.split(",") if n]
+    unknown = [n for n in names if n not in HF_ROWS and n not in LORAFIT_ROWS]
+    if unknown:
+        ap.error(f"--rows: unknown {unknown}; known: {DEFAULT_ROWS}")
     import peft
     import torch
     import transformers
 
-    out = Path(a.out)
+    out, work = Path(a.out), Path(a.work)
     out.mkdir(parents=True, exist_ok=True)
     build_model(Path(a.model_dir))
     base = {"model": a.model_dir, "data": [str((Path(a.data) / "train.json").resolve())], "max_steps": a.steps,
-            "logging_steps": 1, "eval_steps": 10 ** 6, "save_steps": 10 ** 6, "seed": 0, "device": "cuda"}
-    cfgs = {"hf": {**base, "output_dir": "/tmp/bench-trainer/hf-cfg"},
-            "lorafit-eager": {**base, "fused_kernels": False, "output_dir": "/tmp/bench-trainer/eager"},
-            "lorafit": {**base, "output_dir": "/tmp/bench-trainer/fast"}}
-    rows = {name: run_row(name, cfgs[name], out) for name in a.rows.split(",")}
-    hf = rows.get("hf", {}).get("tokens_per_s")
-    res = {"what": __doc__.split("\n")[0], "steps": a.steps,
+            "logging_steps": 1, "eval_steps": 10 ** 6, "save_steps": 10 ** 6, "seed": 0, "device": a.device}
+    rows = {}
+    for name in names:
+        run_dir = work / name
+        if run_dir.exists():
+            shutil.rmtree(run_dir)  # a finished run there would be taken as done
+        rows[name] = run_row(name, {**base, **LORAFIT_ROWS.get(name, {}), "output_dir": str(run_dir)}, out, work)
+    res = {"what": __doc__.split("\n")[0], "steps": a.steps, "command": " ".join(["bench_trainer.py", *(argv or sys.argv[1:])]),
            "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
-                        "gpu": torch.cuda.get_device_name(0)},
-           "rows": rows, "speedup_vs_hf": {k: v["tokens_per_s"] / hf for k, v in rows.items() if hf and v.get("tokens_per_s")}}
+                        "gpu": torch.cuda.get_device_name(0) if a.device == "cuda" else "cpu",
+                        **{k: v for r in rows.values() for k, v in (r.get("versions") or {}).items()}},
+           "epoch_tokens": epoch_tokens(base), "rows": rows}
+    res["speedup_vs_hf"] = compare(rows, res["epoch_tokens"])
     (out / "trainer-llama3-8b.json").write_text(json.dumps(res, indent=1))
     for k, v in rows.items():
+        if "skipped" in v:
+            print(k, "skipped:", v["skipped"])
+            continue
         print(k, v["exit"], v["wall_s"], v.get("tokens_per_s"), v.get("peak_memory_gib"), v.get("step"), v.get("graphs"),
               (v["losses"] or [])[:3], (v["losses"] or [])[-2:], v["stderr_tail"][-800:])
     print(json.dumps(res["speedup_vs_hf"]))
-    return 0
+    return res
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -25,7 +24,6 @@ from typing import Any
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
 TARGET = 0.02
 
 
@@ -36,9 +34,8 @@ def run_train(cfg: dict[str, Any], name: str, out: Path, nproc: int) -> dict[str
     path = out / f"{name}.yaml"
     path.write_text(yaml.safe_dump({**cfg, "output_dir": str(run)}))
     cmd = [sys.executable, "-m", "lorafit", "train", str(path), "--no-progress"] + ([f"--nproc={nproc}"] if nproc > 1 else [])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
     t = time.perf_counter()
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    r = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - t
     if r.returncode != 0:
         print(r.stderr[-4000:], file=sys.stderr)

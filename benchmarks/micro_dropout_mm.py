@@ -1,23 +1,19 @@
 """Tile sizes for the seeded dropout products (lorafit.kernels.dropout) at Llama-3-8B sizes, each call
 replayed from a CUDA graph, against what they replace (dropout kernel + cuBLAS + addcmul).
 
-    PYTHONPATH=src python benchmarks/micro_dropout_mm.py --out $OUT/micro_dropout_mm.json
+    python benchmarks/micro_dropout_mm.py --out $OUT/micro_dropout_mm.json
 """
 from __future__ import annotations
 
 import argparse
 import itertools
 import json
-import sys
 from pathlib import Path
 
 import torch
+from graph_timer import timed
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from speed_common import timed  # noqa: E402
-
-from lorafit.kernels import dropout as D  # noqa: E402
+from lorafit.kernels import dropout as D
 
 N = 2048
 SHAPES = {"qkv": (4096, 48), "o": (4096, 16), "gate_up": (4096, 32), "down": (14336, 16)}

@@ -31,14 +31,11 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
+import torch
 
-import torch  # noqa: E402
-
-from lorafit.config import load_config  # noqa: E402
-from lorafit.model import builtin_model_path, load_tokenizer  # noqa: E402
-from lorafit.training import loop  # noqa: E402
+from lorafit.config import load_config
+from lorafit.model import builtin_model_path, load_tokenizer
+from lorafit.training import loop
 
 # SmolLM2-135M's architecture, shrunk (as tests/conftest.py's TINY): same vocab and tokenizer.
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -121,9 +118,9 @@ def main() -> int:
 
     real_save_adapter = loop.C.save_adapter_atomic
 
-    def save_adapter_sampling(model, out):  # the end of the run: all steps and the last evaluation done
+    def save_adapter_sampling(*a, **kw):  # the end of the run: all steps and the last evaluation done
         samples[args.steps] = sample()
-        return real_save_adapter(model, out)
+        return real_save_adapter(*a, **kw)
 
     loop.lr_at, loop.C.save_adapter_atomic = lr_at_sampling, save_adapter_sampling
     t0 = time.perf_counter()
