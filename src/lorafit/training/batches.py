@@ -13,7 +13,7 @@ from typing import Any
 from .. import data as D
 from ..data.packing import pack_batch, plan_packs
 
-__all__ = ["PackedStream", "Stream", "batch_tokens", "epoch_order"]
+__all__ = ["PackedStream", "Stream", "balanced_groups", "batch_tokens", "epoch_order"]
 
 
 def epoch_order(size: int, seed: int, epoch: int) -> list[int]:
@@ -51,6 +51,21 @@ class Stream:
         idx = self.indices(k)
         return [self.enc.input_ids[i] for i in idx], [self.enc.labels[i] for i in idx]
 
+    def window_examples(self, window: range, budget: int | None = None) -> list[tuple[list[list[int]], list[list[int]]]]:
+        """The examples of one optimizer step's micro-batches, in window order. With `budget` (the one-row
+        step's token budget), the window's examples are re-dealt into as many micro-batches of near-equal
+        tokens (`balanced_groups`), so N processes finish their share at the same time and bucketed rows
+        carry less filler. Still a pure function of the window: 1 process with N-fold accumulation runs the
+        same micro-batches as N processes. Kept as they are when a balanced one would exceed `budget`."""
+        groups = [self.indices(k) for k in window]
+        if budget is not None and len(groups) > 1:
+            flat = [i for g in groups for i in g]
+            dealt = [[flat[j] for j in part] for part in balanced_groups([len(self.enc.input_ids[i]) for i in flat],
+                                                                         len(groups))]
+            if max(sum(len(self.enc.input_ids[i]) for i in g) for g in dealt) <= budget:
+                groups = dealt
+        return [([self.enc.input_ids[i] for i in g], [self.enc.labels[i] for i in g]) for g in groups]
+
     def n_supervised(self, k: int) -> int:
         return sum(sum(1 for l in self.enc.labels[i][1:] if l != -100) for i in self.indices(k))
 
@@ -83,6 +98,17 @@ class PackedStream(Stream):
     def batch(self, k: int) -> dict[str, Any]:
         idx = self.indices(k)
         return pack_batch([self.enc.input_ids[i] for i in idx], [self.enc.labels[i] for i in idx], pad_id=self.pad)
+
+
+def balanced_groups(lengths: list[int], n: int) -> list[list[int]]:
+    """Indices of `lengths` dealt into n groups of near-equal sums (longest first, each to the lightest group,
+    ties to the lower group); each group keeps its indices in order. Every group gets one when len >= n."""
+    loads, groups = [0] * n, [[] for _ in range(n)]
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        g = min(range(n), key=lambda g: (loads[g], g))
+        loads[g] += lengths[i]
+        groups[g].append(i)
+    return [sorted(g) for g in groups]
 
 
 def batch_tokens(batch: dict[str, Any]) -> int:

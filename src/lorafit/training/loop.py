@@ -276,6 +276,8 @@ class Trainer:
         window = range(step * plan.micro_batches_per_step, (step + 1) * plan.micro_batches_per_step)
         denom = sum(self.stream.n_supervised(k) for k in window)
         mine = list(window)[rank::ws]
+        if self.bucketed is not None:  # one-row micro-batches: balanced over the processes (Stream.window_examples)
+            dealt = self.stream.window_examples(window, None if cfg.packing else self.bucketed.budget)[rank::ws]
         local_loss = torch.zeros((), dtype=torch.float64, device=self.device)
         with self.watchdog.phase(f"training step {step + 1}"):
             for j, k in enumerate(mine):
@@ -285,7 +287,7 @@ class Trainer:
                 if self.kernels is not None:  # seeded dropout: the next forward draws the masks of (seed, k)
                     self.kernels.set_micro_batch(cfg.seed, k)
                 if self.bucketed is not None:
-                    lsum = self.bucketed(self.stream.examples(k), ws / max(denom, 1))
+                    lsum = self.bucketed(dealt[j], ws / max(denom, 1))
                 else:
                     with dist.no_sync(self.model, last=j == len(mine) - 1):
                         lsum, _ = loss_sum(self.model, self.stream.batch(k), self.device, self.fused)
