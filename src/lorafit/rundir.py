@@ -180,6 +180,26 @@ def check_resume(cfg: TrainConfig, out: Path) -> None:
                           "or train into a new output_dir", file=str(path), field=diffs[0].split(":")[0])
 
 
+def check_global_batch(cfg: TrainConfig, plan: Any) -> None:
+    """A run resumed on another number of processes must keep its global batch: the LR schedule, the
+    step count and the data order all assume it (`plan`: the trainer's resolved Plan)."""
+    import yaml
+
+    out = Path(cfg.output_dir)
+    p = out / "config.yaml"
+    if not (out / "checkpoints").is_dir() or not p.is_file():
+        return
+    try:
+        saved = (yaml.safe_load(p.read_text(encoding="utf-8")) or {}).get("global_batch_size")
+    except (yaml.YAMLError, UnicodeDecodeError, AttributeError):
+        return  # check_resume reports an unreadable config
+    if saved is not None and saved != plan.global_batch_size:
+        raise ConfigError(f"this run was started with a global batch of {saved}; {cfg.batch_size} per device x "
+                          f"{cfg.gradient_accumulation_steps} accumulation x {plan.world_size} processes is "
+                          f"{plan.global_batch_size}: set gradient_accumulation_steps so the product is {saved}",
+                          file=str(p), field="gradient_accumulation_steps")
+
+
 def run_config_path(run: str | Path) -> Path:
     """The `config.yaml` of a run folder that `lorafit train` wrote; the one "not a run folder" check that
     generate, merge, eval and the API share."""

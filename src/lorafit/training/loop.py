@@ -16,7 +16,6 @@ import os
 import random
 import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +34,8 @@ from ..rundir import FolderLock, check_output_dir, finished
 from .runlog import JsonlLog
 from .schedule import lr_at
 from .graphstep import BucketedStep
-from .plan import _check_seeded_dropout_size, make_plan, resolve_fused, step_kind
+from .plan import _check_seeded_dropout_size, make_plan, resolve_fused, step_kind, varlen_ready
+from .state import LoopState, PendingStep, TrainResult
 from .step import FusedLoss, evaluate_loss, loss_sum  # loss_sum: looked up here per micro-batch (tests patch it)
 
 log = logging.getLogger("lorafit")
@@ -43,33 +43,6 @@ log = logging.getLogger("lorafit")
 # Pipelined steps (the host prepares step n+1 while the GPU runs step n; the optimizer step is guarded on the
 # device): None = on wherever the optimizer is fused on a GPU. Tests set True to run the pipeline on the CPU.
 PIPELINE: bool | None = None
-
-
-@dataclass
-class TrainResult:
-    run_dir: Path
-    steps: int
-    final_eval: dict[str, float] = field(default_factory=dict)
-    stopped_early: bool = False
-    resumed_from: int | None = None
-
-
-@dataclass
-class LoopState:
-    """Everything a checkpoint carries besides weights, optimizer and RNG (`state.json`)."""
-    step: int = 0
-    log_lines: int = 0
-    best_loss: float | None = None
-    best_step: int | None = None
-    bad_evals: int = 0
-    nonfinite_run: int = 0
-    acc_loss: float = 0.0  # the running loss of the current logging window, so a resume logs the same mean
-    acc_steps: int = 0
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "LoopState":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 class Trainer:
@@ -99,25 +72,6 @@ class Trainer:
                                     cfg.seed, self.tok.pad_token_id) if cfg.packing
                        else Stream(self.enc, cfg.batch_size, cfg.seed, self.tok.pad_token_id))
         self.plan = make_plan(cfg, self.stream.per_epoch, dist.world()[2])
-
-    def check_global_batch(self) -> None:
-        """A run resumed on another number of processes must keep its global batch: the LR schedule, the
-        step count and the data order all assume it."""
-        import yaml
-
-        p = self.out / "config.yaml"
-        if not (self.out / "checkpoints").is_dir() or not p.is_file():
-            return
-        try:
-            saved = (yaml.safe_load(p.read_text(encoding="utf-8")) or {}).get("global_batch_size")
-        except (yaml.YAMLError, UnicodeDecodeError, AttributeError):
-            return  # the resume rules (lorafit.rundir) report an unreadable config
-        if saved is not None and saved != self.plan.global_batch_size:
-            cfg = self.cfg
-            raise ConfigError(f"this run was started with a global batch of {saved}; {cfg.batch_size} per device x "
-                              f"{cfg.gradient_accumulation_steps} accumulation x {self.plan.world_size} processes is "
-                              f"{self.plan.global_batch_size}: set gradient_accumulation_steps so the product is {saved}",
-                              file=str(p), field="gradient_accumulation_steps")
 
     def setup_model(self) -> None:
         cfg = self.cfg
@@ -162,7 +116,7 @@ class Trainer:
                 _check_seeded_dropout_size(cfg, model.get_base_model().config)
         self.peft_model = model
         self.step_kind, why = step_kind(cfg, self.fused, device, self.strategy, self.dropout_seed is not None)
-        if self.step_kind in ("cuda_graph", "bucketed") and not _varlen_ready(model):
+        if self.step_kind in ("cuda_graph", "bucketed") and not varlen_ready(model):
             self.step_kind, why = "eager_fused", "the model's attention is not lorafit's fused varlen attention"
         log.info("training step: %s%s", self.step_kind, f" ({why})" if why else "")
         self.step_reason = why
@@ -263,7 +217,7 @@ class Trainer:
             s.bad_evals += 1
         return bool(cfg.early_stopping_patience) and s.bad_evals >= cfg.early_stopping_patience
 
-    def launch(self, step: int) -> "_Pending":
+    def launch(self, step: int) -> "PendingStep":
         """Issue optimizer step `step`: micro-batches, gradient reduction, clipping, and (pipelined) the
         optimizer step itself, guarded on the device by the step's finiteness, with no host synchronisation.
         `resolve` reads the outcome."""
@@ -311,7 +265,7 @@ class Trainer:
                                   torch.nan_to_num(norm.to(torch.float64))])
             dist.all_reduce_sum(packed)
         tokens = sum(self.stream.n_tokens(k) for k in window)  # every rank's, known on the host
-        pending = _Pending(step, lr, denom, tokens, packed)
+        pending = PendingStep(step, lr, denom, tokens, packed)
         if self.pipelined:
             bad = ((packed[1] > 0) | ~torch.isfinite(packed[0])).to(torch.float32)
             self.opt.found_inf = bad  # the fused AdamW leaves parameters, moments and step count alone when set
@@ -324,7 +278,7 @@ class Trainer:
                 pending.event.record()
         return pending
 
-    def resolve(self, p: "_Pending") -> tuple[float, float, float, int] | None:
+    def resolve(self, p: "PendingStep") -> tuple[float, float, float, int] | None:
         """Read a launched step's outcome: (mean loss, grad norm, lr, real tokens), or None when it was
         skipped as non-finite. Unpipelined, the optimizer step (or the skip) happens here."""
         with self.watchdog.phase(f"training step {p.step + 1}"):
@@ -384,7 +338,7 @@ class Trainer:
         Pipelined, step n+1 is launched before step n is read back, except after a step that evaluates,
         checkpoints or ends the run (those need its outcome and its weights first): the GPU never waits for
         the host's logging and data preparation, and every decision is the one the unpipelined loop takes."""
-        cfg, total = self.cfg, self.plan.total_steps
+        total = self.plan.total_steps
         if start == 0 and self.state.log_lines == 0 and self.val_enc:
             self.evaluate(0)
         self.bar = None
@@ -419,7 +373,7 @@ class Trainer:
         return done == self.plan.total_steps or done % cfg.save_steps == 0 or \
             (bool(self.val_enc) and done % cfg.eval_steps == 0)
 
-    def after(self, p: "_Pending") -> bool:
+    def after(self, p: "PendingStep") -> bool:
         """Everything that follows a step once its outcome is known: the log, and at boundaries evaluation
         and checkpoints. True when early stopping says stop."""
         res = self.resolve(p)
@@ -500,35 +454,13 @@ class Trainer:
         if finished(self.out):
             log.info("%s already holds a finished run; nothing to do", self.out)
             return TrainResult(self.out, self.plan.total_steps)
-        self.check_global_batch()
+        rundir.check_global_batch(self.cfg, self.plan)
         self.setup_model()
         ckpt = self.resume()
         done, stopped = self.fit(self.state.step)
         self.finish(done)
         return TrainResult(self.out, self.plan.total_steps, self.last_eval, stopped,
                            None if ckpt is None else int(ckpt.name.split("-")[1]))
-
-
-@dataclass
-class _Pending:
-    """A launched optimizer step: what the host knows (lr, tokens, the normaliser) and the device values
-    (summed loss, non-finite verdict, summed grad norm) to read back, after `event` where pipelined."""
-    step: int
-    lr: float
-    denom: int
-    tokens: int
-    values: torch.Tensor
-    event: Any = None
-
-
-def _varlen_ready(model: torch.nn.Module) -> bool:
-    """The bucketed step's one-row batches need lorafit's fused attention (varlen, no mask) in every layer."""
-    from ..kernels.modules import FusedAttention
-
-    causal = model.get_base_model() if hasattr(model, "get_base_model") else model
-    layers = list(getattr(getattr(causal, "model", None), "layers", []))
-    return bool(layers) and all(isinstance(getattr(layer, "self_attn", None), FusedAttention) and
-                                getattr(layer.self_attn, "varlen", False) for layer in layers)
 
 
 def train(cfg: TrainConfig, *, progress: bool = True, config_path: str | Path | None = None) -> TrainResult:

@@ -78,3 +78,13 @@ def step_kind(cfg: TrainConfig, fused: bool, device: torch.device, strategy: str
     if cfg.cuda_graph is True:
         return "bucketed", "no CUDA on this device: the bucketed step runs without capture"
     return "eager_fused", "CUDA graphs need a GPU"
+
+
+def varlen_ready(model: torch.nn.Module) -> bool:
+    """The bucketed step's one-row batches need lorafit's fused attention (varlen, no mask) in every layer."""
+    from ..kernels.modules import FusedAttention
+
+    causal = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layers = list(getattr(getattr(causal, "model", None), "layers", []))
+    return bool(layers) and all(isinstance(getattr(layer, "self_attn", None), FusedAttention) and
+                                getattr(layer.self_attn, "varlen", False) for layer in layers)
