@@ -92,7 +92,9 @@ def test_bucketed_step_skips_a_nonfinite_step(tmp_path, tiny_model_dir, monkeypa
     assert all(torch.isfinite(t).all() for t in _adapter(res.run_dir).values())
 
 
-def test_killed_bucketed_run_resumes_bit_identically(tmp_path, tiny_model_dir, monkeypatch, pipelined):
+def test_killed_bucketed_run_resumes_bit_identically(tmp_path, tiny_model_dir, monkeypatch):
+    """Pipelined (the GPU default): the unpipelined loop's resume is covered by test_train and test_resume_kill."""
+    monkeypatch.setattr(loop, "PIPELINE", True)
     from lorafit.training import graphstep
 
     ref = loop.train(_cfg(tmp_path, tiny_model_dir, "ref", cuda_graph=True), progress=False)
