@@ -314,7 +314,7 @@ def main() -> None:
     if (res / "benchmarks.json").is_file():
         lines += ["\n### MMLU / CMMLU before vs after\n", *benchmarks_table(json.loads((res / "benchmarks.json").read_text()))]
     if (res / "rerun" / "runs").is_dir():
-        lines += ["\n### The reruns behind the benchmark table\n", *rerun_section(res / "rerun")]
+        lines += ["\n### The reruns: benchmark runs and every forgetting fix (MMLU and CMMLU subsection)\n", *rerun_section(res / "rerun")]
     diag = [n for n in runs if n.startswith("diag-")]
     if diag:
         lines += ["\n### Diagnosis runs\n", *diagnosis_table(runs, diag)]
