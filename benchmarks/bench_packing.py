@@ -110,7 +110,7 @@ def step_tokens(cfg: dict[str, Any]) -> tuple[list[int], list[int], int]:
     import lorafit
     from lorafit import data as D
     from lorafit.model import load_tokenizer
-    from lorafit.training.batches import PackedStream, Stream, batch_tokens
+    from lorafit.data.batches import PackedStream, Stream, batch_tokens
 
     conf = lorafit.load_config(None, cfg)
     tok = D.ensure_template(load_tokenizer(conf.model), conf.template)

@@ -11,7 +11,7 @@ every row.
 
 Rows (`--rows`; `--checkpointing on` adds each with activation checkpointing, `+ckpt`):
   baseline       HF + PEFT in this process: `model(**batch).loss`, backward, clipping, fused AdamW, over
-                 lorafit's own micro-batches (`lorafit.training.batches.Stream`). Runs first, so a failure
+                 lorafit's own micro-batches (`lorafit.data.batches.Stream`). Runs first, so a failure
                  of a lorafit row cannot cost the reference numbers.
   lorafit-eager  `lorafit.train` in this process with `fused_kernels: false` (HF + PEFT's forward in
                  lorafit's loop).
@@ -105,7 +105,7 @@ def baseline_row(cfg: dict[str, Any], ckpt: bool, check_kernels: bool) -> dict[s
     import lorafit
     from lorafit import data as D
     from lorafit.model import load_tokenizer, lora_config
-    from lorafit.training.batches import Stream, batch_tokens
+    from lorafit.data.batches import Stream, batch_tokens
 
     conf = lorafit.load_config(None, cfg)
     device = conf.device

@@ -30,7 +30,7 @@ def ordered_examples(cfg: Any) -> tuple[list[dict[str, list[int]]], Any]:
     """lorafit's encoded examples, one per row of each micro-batch, in the order `lorafit train` takes them."""
     from lorafit import data as D
     from lorafit.model import load_tokenizer
-    from lorafit.training.batches import Stream
+    from lorafit.data.batches import Stream
 
     tok = D.ensure_template(load_tokenizer(cfg.model), cfg.template)
     enc = D.encode_all(tok, D.build_datasets(cfg).train, cfg)

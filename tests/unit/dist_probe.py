@@ -13,7 +13,8 @@ import json
 import sys
 import time
 
-from lorafit.training import batches, dist, loop
+from lorafit.data import batches
+from lorafit.training import dist, loop
 
 
 REAL = {"batch": {c: c.__dict__["batch"] for c in (batches.Stream, batches.PackedStream)},

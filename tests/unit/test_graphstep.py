@@ -188,7 +188,7 @@ def test_disk_full_during_training_is_one_line_and_resumable(tmp_path, tiny_mode
 
 
 def test_window_examples_are_balanced_and_a_pure_function_of_the_window():
-    from lorafit.training.batches import Stream, balanced_groups
+    from lorafit.data.batches import Stream, balanced_groups
     from lorafit.data import Encoded
 
     assert balanced_groups([5, 3, 8, 1, 2], 2) == [[2, 4], [0, 1, 3]]

@@ -160,7 +160,7 @@ def test_a_pack_trains_on_exactly_its_examples(tiny_model_dir, demo_data, fused)
     attends to, or is trained to predict, another (HF's packed-sequence mask, or lorafit's varlen path)."""
     from lorafit import data as D
     from lorafit.model import apply_lora, load_model, load_tokenizer
-    from lorafit.training.batches import PackedStream
+    from lorafit.data.batches import PackedStream
     from lorafit.training.loop import FusedLoss, loss_sum
 
     cfg = cfg_for(tiny_model_dir, demo_data, "unused", lora_dropout=0.0, packing=True, batch_size=2, max_length=256)

@@ -10,8 +10,9 @@ import math
 import random
 from typing import Any
 
-from .. import data as D
-from ..data.packing import pack_batch, plan_packs
+from .chat import Encoded
+from .packing import collate
+from .packing import pack_batch, plan_packs
 
 __all__ = ["PackedStream", "Stream", "balanced_groups", "batch_tokens", "epoch_order"]
 
@@ -26,7 +27,7 @@ def epoch_order(size: int, seed: int, epoch: int) -> list[int]:
 class Stream:
     """Padded micro-batches of `batch_size` examples."""
 
-    def __init__(self, enc: D.Encoded, batch_size: int, seed: int, pad_id: int) -> None:
+    def __init__(self, enc: Encoded, batch_size: int, seed: int, pad_id: int) -> None:
         self.enc, self.bs, self.seed, self.pad = enc, batch_size, seed, pad_id
         self.n = len(enc.input_ids)
         self.per_epoch = math.ceil(self.n / batch_size)
@@ -44,7 +45,7 @@ class Stream:
 
     def batch(self, k: int) -> dict[str, Any]:
         idx = self.indices(k)
-        return D.collate([self.enc.input_ids[i] for i in idx], [self.enc.labels[i] for i in idx], self.pad)
+        return collate([self.enc.input_ids[i] for i in idx], [self.enc.labels[i] for i in idx], self.pad)
 
     def examples(self, k: int) -> tuple[list[list[int]], list[list[int]]]:
         """Micro-batch k's token ids and labels, unpadded (the bucketed step lays them end to end)."""
@@ -84,7 +85,7 @@ class PackedStream(Stream):
     dropped either way.
     """
 
-    def __init__(self, enc: D.Encoded, batch_size: int, pack_tokens: int, seed: int, pad_id: int) -> None:
+    def __init__(self, enc: Encoded, batch_size: int, pack_tokens: int, seed: int, pad_id: int) -> None:
         super().__init__(enc, batch_size, seed, pad_id)
         order = epoch_order(self.n, seed, -1)
         plan = plan_packs([len(enc.input_ids[i]) for i in order], pack_tokens)

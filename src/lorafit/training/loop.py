@@ -28,7 +28,7 @@ from ..errors import ConfigError, TrainingError
 from ..model import apply_lora, assert_finite, load_model, load_tokenizer, pick_device, pick_dtype
 from . import checkpoint as C
 from . import dist
-from .batches import PackedStream, Stream
+from ..data.batches import PackedStream, Stream
 from .. import rundir
 from ..rundir import FolderLock, check_output_dir, finished
 from .runlog import JsonlLog
