@@ -50,7 +50,7 @@ def metrics_table_md(metrics: dict[str, Any]) -> str:
         cis, ps = s.get("delta_ci95") or {}, s.get("p_value") or {}
         lines.append(f"| {name} | {s.get('lang')} | {s.get('n')} | before | {_row(s['before'])} | {_num(lb, 3)} |")
         lines.append(f"|  |  |  | after | {_row(s['after'])} | {_num(la, 3)} |")
-        lines.append(f"|  |  |  | **delta** | " + " | ".join(fmt_delta(s["delta"].get(k), cis.get(k)) for k in KEYS)
+        lines.append("|  |  |  | **delta** | " + " | ".join(fmt_delta(s["delta"].get(k), cis.get(k)) for k in KEYS)
                      + f" | {fmt_delta(dl, s.get('loss_delta_ci95'), 3)} |")
         if ps:
             lines.append("|  |  |  | p | " + " | ".join(fmt_p(ps.get(k)) for k in KEYS) + f" | {fmt_p(s.get('loss_p_value'))} |")
