@@ -70,3 +70,21 @@ def test_worse_health_after_tuning_is_a_finding_with_examples():
     assert detect_generation_health(_metrics({"length_ratio": 1.1}, {"length_ratio": 3.0}))[0].evidence["problem"] == "length_ratio"
     # registered in diagnose: a run with only metrics still gets it
     assert any(f.kind == "generation_health" for f in diagnose_records([], _metrics({}, {"no_eos": 0.3})))
+
+
+def test_answers_cut_by_the_budget_where_references_are_longer_are_not_a_finding():
+    """Bitext's case (results/rerun/runs/bitext): 67% of references are longer than max_new_tokens, 65% of
+    tuned answers stop there (35% before): Bitext-length answers cut by the budget, not a model that does
+    not stop. The same rise over short references is a finding, and so is stopping far more often than the
+    long references explain."""
+    h = health(["q1", "q2", "q3", "q4"], ["a", "b", "c", "d"], ["r"] * 4, no_eos=[True, True, False, False],
+               fits=[False, True, True, True])
+    assert h["long_references"] == 0.25
+    assert health(["q"], ["a"], ["r"], no_eos=[True])["long_references"] is None   # unknown without fits
+    cut = _metrics({"no_eos": 0.35}, {"no_eos": 0.65, "long_references": 0.67})
+    assert detect_generation_health(cut) == []
+    short = _metrics({"no_eos": 0.35}, {"no_eos": 0.65, "long_references": 0.05})
+    assert [f.evidence["problem"] for f in detect_generation_health(short)] == ["no_eos"]
+    stuck = detect_generation_health(_metrics({"no_eos": 0.35}, {"no_eos": 0.98, "long_references": 0.67}))[0]
+    assert stuck.severity == "critical" and "67% of its references are longer than max_new_tokens" in stuck.summary
+    assert stuck.evidence["sets"][0]["before"] == 0.35

@@ -23,7 +23,8 @@ LENGTH_FACTOR = 2.0       # median answer 2x longer (or shorter) than the refere
 LENGTH_WORSE = 1.5        # ... and 1.5x further off than the base was
 
 _WHAT = {
-    "no_eos": ("answers never end (stopped at max_new_tokens without end-of-sequence)",
+    "no_eos": ("answers never end (stopped at max_new_tokens without end-of-sequence, more often than the "
+               "references are longer than it)",
                "The tuned model has not learnt to stop: its training answers did not end with the end-of-turn "
                "token the chat template expects, or were cut before their end.",
                "Check that the run's `template` is the model's own (its end-of-turn token closes every training "
@@ -69,10 +70,15 @@ def detect_generation_health(metrics: dict[str, Any] | None) -> list[Finding]:
         n = a.get("n") or 0
         for k in ("no_eos", "repetition", "empty", "template_leak", "language_mismatch"):
             x, y = b.get(k), a.get(k)
+            if k == "no_eos" and isinstance(x, (int, float)) and isinstance(a.get("long_references"), (int, float)):
+                # Answers as long as the references stop at max_new_tokens whatever the model learnt: only
+                # stopping clearly more often than the long references' share says the model does not stop.
+                x = max(x, a["long_references"])
             if isinstance(x, (int, float)) and isinstance(y, (int, float)) and y - x >= RISE and y >= MIN_SHARE \
                     and y * n >= MIN_ANSWERS - 1e-9:
-                hits.setdefault(k, []).append({"set": name, "before": x, "after": y, "n": n,
-                                               "examples": (a.get("examples") or {}).get(k, [])})
+                hits.setdefault(k, []).append({"set": name, "before": b.get(k), "after": y, "n": n,
+                                               "examples": (a.get("examples") or {}).get(k, []),
+                                               **({"long_references": a.get("long_references")} if k == "no_eos" else {})})
         lb, la = b.get("length_ratio"), a.get("length_ratio")
         if isinstance(lb, (int, float)) and isinstance(la, (int, float)) and lb > 0 and la > 0:
             off_a, off_b = abs(math.log(la)), abs(math.log(lb))
@@ -90,6 +96,8 @@ def _finding(kind: str, where: list[dict[str, Any]]) -> Finding:
         severe = False
     else:
         detail = f"{100 * worst['after']:.0f}% of answers on set '{worst['set']}' after tuning, {100 * worst['before']:.0f}% before"
+        if worst.get("long_references") is not None:
+            detail += f"; {100 * worst['long_references']:.0f}% of its references are longer than max_new_tokens"
         severe = worst["after"] >= CRITICAL_SHARE and worst["after"] - worst["before"] >= CRITICAL_RISE
     others = [w["set"] for w in where if w is not worst]
     summary = f"{what}: {detail}" + (f" (also on {', '.join(others)})" if others else "")

@@ -6,6 +6,11 @@ Definitions (per answer; a set's value is the share of its answers, except ``len
 
 - ``no_eos``: generation stopped at ``max_new_tokens`` without the end-of-sequence token (only known
   at generation time: None for a predictions file).
+- ``long_references``: the share of prompts whose references' answers (in model tokens, as the
+  reference loss counts them) are at least ``max_new_tokens`` long: answers as long as the data's
+  cannot end within the budget, so about this share of ``no_eos`` is the budget's doing (a model that
+  learnt a domain's long answers writes them to short-reference prompts too). None when unknown (a
+  predictions file).
 - ``empty``: the answer is empty after stripping whitespace.
 - ``repetition``: the answer contains a *loop*: a unit of 1-``MAX_UNIT`` tokens repeated back to back
   at least ``MIN_REPEATS`` times, covering at least ``MIN_LOOP_TOKENS`` tokens ("I can help. I can
@@ -33,7 +38,7 @@ import numpy as np
 from .metrics import detect_lang
 
 SHARES = ("no_eos", "repetition", "empty", "template_leak", "language_mismatch")
-FIELDS = SHARES + ("length_ratio",)
+FIELDS = SHARES + ("long_references", "length_ratio")
 MAX_UNIT = 16
 MIN_REPEATS = 3
 MIN_LOOP_TOKENS = 10
@@ -82,11 +87,12 @@ def problems(prompt: str, answer: str, no_eos: bool | None = None) -> dict[str, 
 
 
 def health(prompts: Sequence[str], answers: Sequence[str], labels: Sequence[str | Sequence[str]],
-           no_eos: Sequence[bool] | None = None) -> dict[str, Any]:
+           no_eos: Sequence[bool] | None = None, fits: Sequence[bool] | None = None) -> dict[str, Any]:
     """Shares of ``SHARES`` and the ``length_ratio`` for one model's answers to one set.
 
     ``prompts`` should be the user's text (the prompt's language is read from it); ``no_eos`` per
-    answer when generation reported it, else the field is None. ``examples`` holds up to ``EXAMPLES``
+    answer when generation reported it, else the field is None; ``fits`` per answer: whether its
+    references are shorter than max_new_tokens (``long_references``). ``examples`` holds up to ``EXAMPLES``
     (prompt, answer) pairs per problem found.
     """
     n = len(answers)
@@ -102,6 +108,7 @@ def health(prompts: Sequence[str], answers: Sequence[str], labels: Sequence[str 
         out[k] = len(hit) / n if n else 0.0
         if hit:
             examples[k] = [{"prompt": _cut(prompts[i]), "answer": _cut(answers[i])} for i in hit[:EXAMPLES]]
+    out["long_references"] = sum(not f for f in fits) / n if fits is not None and n else None
     out["length_ratio"] = length_ratio(answers, labels)
     out["examples"] = examples
     return out

@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..config import load_config
 from ..data import Example, build_datasets, ensure_template, group_references, render_prompt
-from ..rundir import run_config_path
+from .. import rundir as R
 from ..errors import ConfigError, RunError
 from ..model import load_adapter, load_model, load_tokenizer
 from .benchmarks import compare_benchmarks, load_benchmarks
@@ -49,8 +47,7 @@ def evaluate_run(run_dir: str | Path, *, max_new_tokens: int | None = None, batc
     the config's) are multiple-choice folders scored ``shots``-shot (evaluate/benchmarks.py).
     """
     run = Path(run_dir)
-    cfg_path = run_config_path(run)
-    cfg = load_config(cfg_path)
+    cfg, cfg_path = R.read_config(run), run / R.CONFIG
     mode = mode or cfg.metric_mode
     if mode not in MODES:
         raise ConfigError(f"unknown metric mode {mode!r}; expected one of {MODES}", field="mode")
@@ -60,10 +57,10 @@ def evaluate_run(run_dir: str | Path, *, max_new_tokens: int | None = None, batc
     benches = load_benchmarks(cfg.benchmarks if benchmarks is None else benchmarks, shots)  # before the model loads
 
     tok = ensure_template(load_tokenizer(cfg.model), cfg.template)
-    model = load_adapter(load_model(cfg.model, device=device, dtype=cfg.dtype), run / "adapter")
+    model = load_adapter(load_model(cfg.model, device=device, dtype=cfg.dtype), run / R.ADAPTER)
     model.eval()  # no LoRA dropout while measuring
     todo = [EvalSet.of(name, exs, tok, cfg.system_prompt) for name, exs in chosen.items()]
-    out_dir = run / "eval"
+    out_dir = run / R.EVAL_DIR
     opts = dict(tok=tok, out_dir=out_dir, max_new_tokens=max_new_tokens, batch_size=batch_size,
                 max_length=cfg.max_length, system_prompt=cfg.system_prompt, progress=progress)
 
@@ -78,7 +75,7 @@ def evaluate_run(run_dir: str | Path, *, max_new_tokens: int | None = None, batc
     for s in todo:
         after = measure(model, s, "tuned", **opts)
         metrics["sets"][s.name] = compare(s, before[s.name], after, mode, flips=flips)
-        _write_metrics(out_dir, metrics)  # after every set: a long eval that dies keeps what it measured
+        write_metrics(out_dir, metrics)  # after every set: a long eval that dies keeps what it measured
     return metrics
 
 
@@ -113,6 +110,7 @@ class Measured:
     no_eos: list[bool]
     nll: list[float]     # summed over the prompt's references' answer tokens
     tokens: list[int]
+    fits: list[bool] | None = None  # per prompt: its references' mean answer length < max_new_tokens
 
     @property
     def loss(self) -> float | None:
@@ -130,14 +128,18 @@ def measure(model: Any, s: EvalSet, which: str, *, tok: Any, out_dir: Path | Non
              if generate else [])
     per_pair = reference_nll(model, tok, s.pairs, max_length=max_length, system_prompt=system_prompt,
                              batch_size=batch_size)
-    nll, count = [0.0] * len(s.prompts), [0] * len(s.prompts)
+    nll, count, refs = [0.0] * len(s.prompts), [0] * len(s.prompts), [0] * len(s.prompts)
     for j, (v, c) in zip(s.owner, per_pair):
         nll[j] += v
         count[j] += c
+        refs[j] += 1
+    # Whether a complete answer as long as the references could end within the generation budget: where
+    # it cannot, stopping at max_new_tokens is the budget's doing, not the model's (health: no_eos_fitting).
+    fits = [c / max(r, 1) < max_new_tokens for c, r in zip(count, refs)]
     if out_dir is not None and generate:
-        write_predictions(out_dir / f"predictions-{which}-{_safe(s.name)}.jsonl", s.prompts, preds, s.labels,
+        write_predictions(out_dir / R.predictions_name(which, s.name), s.prompts, preds, s.labels,
                           [{"no_eos": e, "loss_sum": v, "loss_tokens": c} for e, v, c in zip(no_eos, nll, count)])
-    return Measured(preds, no_eos, nll, count)
+    return Measured(preds, no_eos, nll, count, fits)
 
 
 def compare(s: EvalSet, before: Measured, after: Measured, mode: str, *, flips: int = FLIPS) -> dict[str, Any]:
@@ -154,8 +156,8 @@ def compare(s: EvalSet, before: Measured, after: Measured, mode: str, *, flips: 
     if before.loss is not None and after.loss is not None:
         lt = paired_summary(loss_stats(before.nll, before.tokens), loss_stats(after.nll, after.tokens))
         entry.update(loss_delta=after.loss - before.loss, loss_delta_ci95=lt["delta_ci95"], loss_p_value=lt["p_value"])
-    entry["health"] = {"before": health(s.questions, before.preds, s.labels, before.no_eos),
-                       "after": health(s.questions, after.preds, s.labels, after.no_eos)}
+    entry["health"] = {"before": health(s.questions, before.preds, s.labels, before.no_eos, before.fits),
+                       "after": health(s.questions, after.preds, s.labels, after.no_eos, after.fits)}
     entry["flips"] = top_flips(s.questions, s.labels, before.preds, after.preds, b["rouge-l"].values,
                                a["rouge-l"].values, n=flips)
     return entry
@@ -191,12 +193,8 @@ def eval_sets(cfg: Any, cfg_path: Path, names: Sequence[str] | None,
 _eval_sets = eval_sets  # its former name
 
 
-def _safe(name: str) -> str:
-    """A set name as a file-name part (val_data keys are free text)."""
-    return re.sub(r"[^\w.-]", "_", name)
-
-
-def _write_metrics(out_dir: Path, metrics: dict[str, Any]) -> None:
+def write_metrics(out_dir: Path, metrics: dict[str, Any]) -> None:
+    """metrics.json and metrics.md into RUN/eval (or the --out folder of `lorafit eval --adapter`)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    (out_dir / "metrics.md").write_text(metrics_table_md(metrics), encoding="utf-8")
+    (out_dir / R.METRICS_JSON).write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    (out_dir / R.METRICS_MD).write_text(metrics_table_md(metrics), encoding="utf-8")

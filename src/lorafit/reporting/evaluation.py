@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .. import rundir as R
 from ..evaluation.health import FIELDS
 from ..evaluation.table import fmt_delta, fmt_p
 
@@ -17,7 +18,7 @@ METRICS = ("rouge-1", "rouge-2", "rouge-l", "bleu-4")
 def metrics_blocks(run: Path, metrics: dict | None) -> list[tuple]:
     sets = (metrics or {}).get("sets")
     if not (isinstance(sets, dict) and sets):
-        md = run / "eval" / "metrics.md"
+        md = run / R.EVAL_DIR / R.METRICS_MD
         if md.is_file():
             return [("h2", "Evaluation metrics"), ("pre", md.read_text(encoding="utf-8", errors="replace"))]
         return [("h2", "Evaluation metrics"), ("p", "No eval/metrics.json yet: run `lorafit eval` on this run folder.")]
@@ -61,7 +62,8 @@ def health_blocks(metrics: dict | None) -> list[tuple]:
     return [("h2", "Generation health"),
             ("p", "Shares of answers (0-1): no_eos = stopped at max_new_tokens without end-of-sequence; "
                   "repetition = a looping n-gram; empty; template_leak = chat-template or special-token text; "
-                  "language_mismatch = answered in the other language. length_ratio = median answer/reference "
+                  "language_mismatch = answered in the other language; long_references = references at least "
+                  "max_new_tokens long (answers like them cannot end within the budget). length_ratio = median answer/reference "
                   "length (1 = as long as the references). A share that rises after tuning is a problem the "
                   "fine-tune introduced (see Diagnosis)."),
             ("table", ["set", "model", *FIELDS], rows)]
@@ -88,7 +90,7 @@ def flips_blocks(metrics: dict | None) -> list[tuple]:
 
 def checkpoint_blocks(run: Path) -> list[tuple]:
     """The --checkpoints table, its plot and the --select decision, when the run has them."""
-    path = run / "eval" / "checkpoints.json"
+    path = run / R.EVAL_DIR / R.CHECKPOINTS_JSON
     try:
         table = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -106,9 +108,10 @@ def checkpoint_blocks(run: Path) -> list[tuple]:
             row += [r["sets"].get(g, {}).get("loss"), "" if rise is None else f"{100 * rise:+.1f}%"]
         rows.append(row)
     out: list[tuple] = [("h2", "Checkpoints"), ("table", head, rows)]
-    png = path.with_suffix(".png")
+    png = run / R.EVAL_DIR / R.CHECKPOINTS_PNG
     if png.is_file():
-        out.append(("img", png.read_bytes(), "checkpoints: domain gain vs general-set loss", "eval/checkpoints.png"))
+        out.append(("img", png.read_bytes(), "checkpoints: domain gain vs general-set loss",
+                    f"{R.EVAL_DIR}/{R.CHECKPOINTS_PNG}"))
     sel = table.get("selected")
     if isinstance(sel, dict):
         out.append(("p", f"Selected: {sel.get('name') or 'none'}. {sel.get('reason', '')}"))
