@@ -62,11 +62,11 @@ def generate(run: str | Path, prompt: str, *, max_new_tokens: int = 256, base_on
 
     from .data import ensure_template, render_prompt
     from .model import load_run_model
+    from .rundir import read_config
 
     _counts(**{"--max-new-tokens": max_new_tokens})
-    run = _run_dir(run)
-    cfg = load_config(run / "config.yaml")
-    model, tok = load_run_model(run, with_adapter=not base_only, device=device, purpose="generate")
+    cfg = read_config(run)  # parsed once: the model loads from it too
+    model, tok = load_run_model(run, with_adapter=not base_only, device=device, purpose="generate", cfg=cfg)
     ensure_template(tok, cfg.template)
     text = render_prompt(tok, [{"role": "user", "content": prompt}], cfg.system_prompt)
     enc = tok(text, return_tensors="pt", add_special_tokens=False).to(next(model.parameters()).device)
@@ -104,8 +104,9 @@ def evaluate(run: str | Path, *, checkpoints: bool = False, select: bool = False
         return table
     from .evaluation import evaluate_run
     from .model import check_adapter
+    from .rundir import ADAPTER
 
-    check_adapter(_run_dir(run) / "adapter", "evaluate")  # before minutes of loading and generating with the base
+    check_adapter(_run_dir(run) / ADAPTER, "evaluate")  # before minutes of loading and generating with the base
     return evaluate_run(_run_dir(run), **kwargs)
 
 

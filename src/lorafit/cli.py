@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from . import rundir as R
 from .errors import LorafitError
 
 
@@ -154,8 +155,8 @@ def _run(args: argparse.Namespace, extra: list[str], argv: list[str]) -> int:
         if args.nproc and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
             return _torchrun(args.nproc, argv)
         res = api.train(cfg, progress=not args.no_progress, config_path=args.config)
-        print(f"run folder: {res.run_dir}\n  adapter: {res.run_dir / 'adapter'}\n  log: {res.run_dir / 'log.jsonl'}"
-              f"\n  loss curves: {res.run_dir / 'loss.png'}")
+        print(f"run folder: {res.run_dir}\n  adapter: {res.run_dir / R.ADAPTER}\n  log: {res.run_dir / R.LOG}"
+              f"\n  loss curves: {res.run_dir / R.LOSS_PLOT}")
     elif args.cmd == "generate":
         print(api.generate(args.run, args.prompt, max_new_tokens=args.max_new_tokens, base_only=args.base))
     elif args.cmd == "merge":
@@ -163,7 +164,7 @@ def _run(args: argparse.Namespace, extra: list[str], argv: list[str]) -> int:
     elif args.cmd == "eval" and (args.adapter or args.model or args.val or args.out):
         api.evaluate_adapter(*_foreign_eval_args(args), general=args.general, max_new_tokens=args.max_new_tokens,
                              batch_size=args.batch_size, max_samples=args.max_samples, mode=args.mode, device=args.device)
-        print((Path(args.out) / "metrics.md").read_text(encoding="utf-8"))
+        print((Path(args.out) / R.METRICS_MD).read_text(encoding="utf-8"))
     elif args.cmd == "eval":
         if args.run is None:
             from .errors import ConfigError
@@ -178,8 +179,8 @@ def _run(args: argparse.Namespace, extra: list[str], argv: list[str]) -> int:
                      max_samples=args.max_samples, mode=args.mode, sets=args.sets, device=args.device,
                      flips=args.flips, checkpoints=args.checkpoints, select=args.select,
                      shots=_shots(args.shots), **bench)
-        md = "checkpoints.md" if args.checkpoints or args.select else "metrics.md"
-        print((Path(args.run) / "eval" / md).read_text(encoding="utf-8"))
+        md = R.CHECKPOINTS_MD if args.checkpoints or args.select else R.METRICS_MD
+        print((Path(args.run) / R.EVAL_DIR / md).read_text(encoding="utf-8"))
     elif args.cmd == "score":
         res = api.score(args.predictions, mode=args.mode, lang=args.lang)
         health = {k: v for k, v in res["health"].items() if k != "examples"}

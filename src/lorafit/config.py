@@ -188,8 +188,9 @@ class TrainConfig:
             bad("general_ratio", "is > 0 but general_data lists no files")
         if self.distributed not in ("auto", "ddp", "fsdp"):
             bad("distributed", f"must be auto, ddp or fsdp, got {short(self.distributed)}")
-        if self.distributed == "fsdp" and self.fused_kernels is True:
-            bad("fused_kernels", "is not supported with distributed: fsdp (set one of them differently)")
+        refused = fused_kernels_refused(self.fused_kernels, self.distributed)
+        if refused:
+            bad("fused_kernels", refused)
         if not (self.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", self.device)):
             bad("device", f"must be auto, cpu, cuda or cuda:N, got {short(self.device)}")
         return self
@@ -197,6 +198,16 @@ class TrainConfig:
     def resolve_warmup(self, total_steps: int) -> int:
         """The documented rule: the larger of warmup_steps and ceil(ratio*total), capped at total."""
         return min(total_steps, max(self.warmup_steps, math.ceil(self.warmup_ratio * total_steps)))
+
+
+def fused_kernels_refused(fused_kernels: bool | str, strategy: str) -> str | None:
+    """The one FSDP / fused-kernels rule: the fused kernels do not run under FSDP, so `fused_kernels: true`
+    there is refused (why, as a message for the field fused_kernels; None where allowed) and `auto`
+    resolves to off (training/plan.py `resolve_fused`). `strategy` is the config's `distributed` when the
+    config is validated, and the strategy a run chose (`auto` may pick FSDP for a large base) when it starts."""
+    if strategy == "fsdp" and fused_kernels is True:
+        return "is not supported with distributed: fsdp (set fused_kernels: false or distributed: ddp)"
+    return None
 
 
 FIELDS = {f.name: f for f in fields(TrainConfig)}

@@ -248,21 +248,20 @@ def load_adapter(base: torch.nn.Module, adapter_dir: str | Path, purpose: str = 
 
 
 def load_run_model(run_dir: str | Path, *, with_adapter: bool = True, device: str = "auto",
-                   dtype: str = "auto", purpose: str = "use") -> tuple[torch.nn.Module, Any]:
-    """(model, tokenizer) for a run folder: the base from its config.yaml, plus its adapter (checked
-    before the base loads)."""
-    from .config import load_config
-    from .rundir import run_config_path
+                   dtype: str = "auto", purpose: str = "use", cfg: Any = None) -> tuple[torch.nn.Module, Any]:
+    """(model, tokenizer) for a run folder: the base from its config.yaml (`cfg`, when the caller has
+    read it already), plus its adapter (checked before the base loads)."""
+    from .rundir import ADAPTER, read_config
 
     run_dir = Path(run_dir)
-    cfg_path = run_config_path(run_dir)
-    cfg = load_config(cfg_path)
+    if cfg is None:
+        cfg = read_config(run_dir)
     if with_adapter:
-        check_adapter(run_dir / "adapter", purpose)
+        check_adapter(run_dir / ADAPTER, purpose)
     tok = load_tokenizer(cfg.model)
     model = load_model(cfg.model, device=device, dtype=dtype)
     if with_adapter:
-        model = load_adapter(model, run_dir / "adapter", purpose)
+        model = load_adapter(model, run_dir / ADAPTER, purpose)
     model.eval()
     return model, tok
 

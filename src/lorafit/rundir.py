@@ -1,7 +1,11 @@
-"""The output folder and resume rules: lorafit writes only into its own run folders, never over one of
-its inputs, and resumes a run only with the config the run was started with.
+"""The run folder, the contract between commands (docs/run-folder.md, checked against this module by
+tests/unit/test_rundir.py): the layout's names, the builders of every `log.jsonl` record, reading a
+run's config (`run_config_path`, the one "not a run folder" error; `read_config`), the lock, and the
+output folder and resume rules: lorafit writes only into its own run folders, never over one of
+its inputs, and resumes a run only with the config the run was started with. `lorafit train` writes
+through it; eval, diagnose, report, generate and merge read through it.
 
-Why: `lorafit train` rewrites `config.yaml` and `log.jsonl`, replaces `adapter/` and prunes
+Why the rules: `lorafit train` rewrites `config.yaml` and `log.jsonl`, replaces `adapter/` and prunes
 `checkpoints/` in its output folder. Pointed at a folder of the user's own files (or at a folder that
 holds its own training data or config) that destroys them; resumed with another config it would
 silently continue a different run than the one its checkpoints belong to. docs/reliability.md
@@ -13,17 +17,114 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from .config import FIELDS, TrainConfig
+from .config import FIELDS, TrainConfig, load_config
 from .errors import ConfigError, RunError
 from .safeyaml import load as load_yaml
 from .safeyaml import short
 
+# --- the layout: every name in a run folder, relative to it (docs/run-folder.md, checked by tests/unit/test_rundir.py)
 MARKER = ".lorafit-run"
 """Written into every run folder lorafit creates: the folder is lorafit's to write and prune."""
+LOCK = ".lock"                    # held (flock) while `lorafit train` runs
+CONFIG = "config.yaml"            # the resolved TrainConfig
+LOG = "log.jsonl"                 # one record a line: train_record, eval_record, event (below)
+ADAPTER = "adapter"               # the final PEFT adapter
+BEST_ADAPTER = "best-adapter"     # early stopping's best adapter while training runs; renamed to ADAPTER at the end
+CHECKPOINTS = "checkpoints"       # CHECKPOINTS/step-N/, see the CKPT_* names
+LOSS_PLOT = "loss.png"
+EVAL_DIR = "eval"                 # what `lorafit eval` writes, see the names below
+SELECTED_ADAPTER = "selected-adapter"   # `lorafit eval --select`'s choice, PEFT format, plus SELECTED_CHOICE
+DIAGNOSIS = "diagnosis.json"
+REPORT_HTML, REPORT_MD = "report.html", "report.md"
+TENSORBOARD, WANDB, MLFLOW = "tb", "wandb", "mlflow.db"   # tracker mirrors (report_to)
+
+# inside EVAL_DIR (and inside the --out folder of `lorafit eval --adapter`, which has the same files)
+METRICS_JSON, METRICS_MD = "metrics.json", "metrics.md"
+CHECKPOINTS_JSON, CHECKPOINTS_MD, CHECKPOINTS_PNG = "checkpoints.json", "checkpoints.md", "checkpoints.png"
+# inside SELECTED_ADAPTER
+SELECTED_CHOICE = "selected.json"
+# inside CHECKPOINTS: one folder STEP_PREFIX + str(step) per checkpoint, holding
+STEP_PREFIX = "step-"
+CKPT_WEIGHTS, CKPT_OPTIMIZER, CKPT_RNG = "trainable.safetensors", "optimizer.pt", "rng.pt"
+CKPT_STATE, CKPT_MANIFEST = "state.json", "manifest.json"   # the manifest is written last
+
+RUN_ENTRIES = (MARKER, LOCK, CONFIG, LOG, ADAPTER, BEST_ADAPTER, CHECKPOINTS, LOSS_PLOT, EVAL_DIR, SELECTED_ADAPTER,
+               DIAGNOSIS, REPORT_HTML, REPORT_MD, TENSORBOARD, WANDB, MLFLOW)
+EVAL_FILES = (METRICS_JSON, METRICS_MD, CHECKPOINTS_JSON, CHECKPOINTS_MD, CHECKPOINTS_PNG)  # + predictions, benchmarks
+CHECKPOINT_FILES = (CKPT_WEIGHTS, CKPT_OPTIMIZER, CKPT_RNG, CKPT_STATE, CKPT_MANIFEST)
+
+
+def file_part(name: str) -> str:
+    """A set or benchmark name as a file-name part (val_data keys are free text)."""
+    return re.sub(r"[^\w.-]", "_", name)
+
+
+def predictions_name(model: str, set_name: str) -> str:
+    """`predictions-<model>-<set>.jsonl` in EVAL_DIR; `model` is "base" or "tuned"."""
+    return f"predictions-{model}-{file_part(set_name)}.jsonl"
+
+
+def benchmark_name(bench: str, shots: int) -> str:
+    """`benchmark-<name>-<k>shot.jsonl` in EVAL_DIR."""
+    return f"benchmark-{bench}-{shots}shot.jsonl"
+
+
+# --- log.jsonl's records: the trainer writes them only through these builders
+TYPE_TRAIN, TYPE_EVAL, TYPE_EVENT = "train", "eval", "event"
+RECORD_TYPES = (TYPE_TRAIN, TYPE_EVAL, TYPE_EVENT)
+START, RESUME, NONFINITE_SKIP, DIVERGED, EARLY_STOP, END = (
+    "start", "resume", "nonfinite_skip", "diverged", "early_stop", "end")
+
+RECORD_FIELDS: dict[str, tuple[str, ...]] = {
+    TYPE_TRAIN: ("type", "step", "epoch", "loss", "lr", "grad_norm", "tokens_per_s"),
+    TYPE_EVAL: ("type", "step", "split", "eval_loss"),
+    TYPE_EVENT: ("type", "step", "event"),
+}
+"""Every record type and the fields each carries (an event adds EVENT_FIELDS[its name])."""
+
+EVENT_FIELDS: dict[str, tuple[str, ...]] = {
+    START: ("total_steps", "effective_warmup_steps", "train_examples", "general_examples", "truncated_examples",
+            "val_sets", "world_size", "global_batch_size", "learning_rate", "distributed", "device",
+            "micro_batches_per_epoch", "packing", "fused_kernels", "step_kind", "step_fallback"),
+    RESUME: ("checkpoint", "world_size"),
+    NONFINITE_SKIP: ("loss", "grad_norm", "consecutive"),
+    DIVERGED: ("reason",),
+    EARLY_STOP: ("best_step", "best_loss"),
+    END: ("best_step", "best_loss", "final_eval", "peak_memory_gib", "graphs"),
+}
+"""Every event the trainer logs and its fields; the OPTIONAL ones appear only where they apply."""
+OPTIONAL_FIELDS = frozenset({"step_fallback", "peak_memory_gib", "graphs"})
+EVENTS = tuple(EVENT_FIELDS)
+
+
+def train_record(step: int, epoch: float, loss: float, lr: float, grad_norm: float,
+                 tokens_per_s: float) -> dict[str, Any]:
+    """Every `logging_steps` optimizer steps; `loss` is the mean since the previous train record."""
+    return {"type": TYPE_TRAIN, "step": step, "epoch": round(epoch, 4), "loss": loss, "lr": lr,
+            "grad_norm": grad_norm, "tokens_per_s": round(tokens_per_s, 1)}
+
+
+def eval_record(step: int, split: str, eval_loss: float) -> dict[str, Any]:
+    """One validation set's loss at `step`."""
+    return {"type": TYPE_EVAL, "step": step, "split": split, "eval_loss": eval_loss}
+
+
+def event(step: int, name: str, **fields: Any) -> dict[str, Any]:
+    """An event record; `name` and `fields` must be those EVENT_FIELDS declares (a programming error
+    otherwise: the log's shape is the contract docs/run-folder.md states)."""
+    if name not in EVENT_FIELDS:
+        raise ValueError(f"unknown log event {name!r}; declare it in rundir.EVENT_FIELDS and docs/run-folder.md")
+    declared = EVENT_FIELDS[name]
+    unknown = set(fields) - set(declared)
+    missing = set(declared) - OPTIONAL_FIELDS - set(fields)
+    if unknown or missing:
+        raise ValueError(f"event {name!r}: unknown fields {sorted(unknown)}, missing fields {sorted(missing)}")
+    return {"type": TYPE_EVENT, "step": step, "event": name, **fields}
 
 RESUMABLE_KEYS: frozenset[str] = frozenset({
     # when to stop, evaluate, log and checkpoint: the weights' trajectory up to any step is unchanged
@@ -50,7 +151,7 @@ _DATA_KEYS = ("data", "val_data", "general_eval", "general_data", "benchmarks", 
 
 def _lock_only(path: Path) -> bool:
     """An empty `.lock` is what a killed `lorafit train` can leave in a folder it had just created."""
-    return path.name == ".lock" and path.is_file() and path.stat().st_size == 0
+    return path.name == LOCK and path.is_file() and path.stat().st_size == 0
 
 
 def is_run_dir(path: Path) -> bool:
@@ -60,14 +161,14 @@ def is_run_dir(path: Path) -> bool:
     if (path / MARKER).is_file():
         return True
     try:
-        cfg, _ = load_yaml((path / "config.yaml").read_text(encoding="utf-8"))
-        with open(path / "log.jsonl", encoding="utf-8") as f:
+        cfg, _ = load_yaml((path / CONFIG).read_text(encoding="utf-8"))
+        with open(path / LOG, encoding="utf-8") as f:
             first = json.loads(f.readline())
     except (OSError, ValueError, ConfigError):
         return False
     return (isinstance(cfg, dict) and {"model", "data", "output_dir"} <= set(cfg)
             and all(isinstance(k, str) and k in FIELDS for k in cfg)
-            and isinstance(first, dict) and first.get("type") == "event" and first.get("event") == "start")
+            and isinstance(first, dict) and first.get("type") == TYPE_EVENT and first.get("event") == START)
 
 
 def _inputs(cfg: TrainConfig, config_path: str | Path | None) -> list[tuple[str, Path]]:
@@ -151,7 +252,7 @@ def check_resume(cfg: TrainConfig, out: Path) -> None:
     ...). A key the saved config lacks (added by a newer lorafit) counts as its default. The message
     lists "key: saved -> requested" for each difference.
     """
-    path = Path(out) / "config.yaml"
+    path = Path(out) / CONFIG
     if not path.is_file():
         return
     try:
@@ -186,8 +287,8 @@ def check_global_batch(cfg: TrainConfig, plan: Any) -> None:
     import yaml
 
     out = Path(cfg.output_dir)
-    p = out / "config.yaml"
-    if not (out / "checkpoints").is_dir() or not p.is_file():
+    p = out / CONFIG
+    if not (out / CHECKPOINTS).is_dir() or not p.is_file():
         return
     try:
         saved = (yaml.safe_load(p.read_text(encoding="utf-8")) or {}).get("global_batch_size")
@@ -203,19 +304,25 @@ def check_global_batch(cfg: TrainConfig, plan: Any) -> None:
 def run_config_path(run: str | Path) -> Path:
     """The `config.yaml` of a run folder that `lorafit train` wrote; the one "not a run folder" check that
     generate, merge, eval and the API share."""
-    p = Path(run) / "config.yaml"
+    p = Path(run) / CONFIG
     if not p.is_file():
         raise RunError("not a run folder (no config.yaml); pass the output_dir of `lorafit train`", file=str(run))
     return p
 
 
+def read_config(run: str | Path) -> TrainConfig:
+    """The run's resolved config (RunError for a folder that is not a run, ConfigError for a bad config)."""
+    return load_config(run_config_path(run))
+
+
 def finished(run_dir: Path) -> bool:
-    p = run_dir / "log.jsonl"
-    if not (p.is_file() and (run_dir / "adapter" / "adapter_config.json").is_file()):
+    """The run ended: it has its log, its final adapter, and an `end` event among the last records."""
+    p = run_dir / LOG
+    if not (p.is_file() and (run_dir / ADAPTER / "adapter_config.json").is_file()):
         return False
     for ln in p.read_text(encoding="utf-8").splitlines()[-3:]:
         try:
-            if json.loads(ln).get("event") == "end":
+            if json.loads(ln).get("event") == END:
                 return True
         except ValueError:
             pass
@@ -254,7 +361,7 @@ class FolderLock:
         import fcntl
 
         out.mkdir(parents=True, exist_ok=True)
-        self.path = out / ".lock"
+        self.path = out / LOCK
         self.f: Any = open(self.path, "a+")
         try:
             fcntl.flock(self.f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)

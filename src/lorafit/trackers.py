@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .rundir import MLFLOW, TENSORBOARD, TYPE_EVAL, TYPE_TRAIN, WANDB
 
 TRAIN_KEYS = ("loss", "lr", "grad_norm", "tokens_per_s", "epoch")
 
@@ -31,12 +32,12 @@ def metrics_of(record: dict[str, Any]) -> tuple[int, dict[str, float]] | None:
     if not isinstance(step, (int, float)) or isinstance(step, bool):
         return None
     out: dict[str, float] = {}
-    if record.get("type") == "train":
+    if record.get("type") == TYPE_TRAIN:
         for k in TRAIN_KEYS:
             v = record.get(k)
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
                 out[f"train/{k}"] = float(v)
-    elif record.get("type") == "eval":
+    elif record.get("type") == TYPE_EVAL:
         v = record.get("eval_loss")
         if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
             out[f"eval/{record.get('split', 'val')}/loss"] = float(v)
@@ -58,7 +59,7 @@ class _TensorBoard:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
             raise _missing("tensorboard") from None
-        self.w = SummaryWriter(log_dir=str(run_dir / "tb"))
+        self.w = SummaryWriter(log_dir=str(run_dir / TENSORBOARD))
         self.w.add_text("config", "\n".join(f"    {k}: {v}" for k, v in _flat(config).items()), 0)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
@@ -76,7 +77,7 @@ class _Wandb:
         except ImportError:
             raise _missing("wandb") from None
         online = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
-        (run_dir / "wandb").mkdir(parents=True, exist_ok=True)
+        (run_dir / WANDB).mkdir(parents=True, exist_ok=True)
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "lorafit"), name=run_dir.name,
                               dir=str(run_dir), mode=online, config=_flat(config), reinit="create_new")
 
@@ -95,7 +96,7 @@ class _MLflow:
             raise _missing("mlflow") from None
         # MLflow 3 put its plain-file store in maintenance mode (it refuses it by default); a SQLite file in
         # the run folder is its offline store now, and MLflow 2 reads it too.
-        uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"
+        uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(run_dir / MLFLOW).resolve()}"
         self.client = mlflow.MlflowClient(tracking_uri=uri)
         name = os.environ.get("MLFLOW_EXPERIMENT_NAME", "lorafit")
         exp = self.client.get_experiment_by_name(name)

@@ -12,7 +12,6 @@ import json
 import math
 import os
 import random
-import re
 import secrets
 import sqlite3
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from pathlib import Path
 
 from ..errors import ConfigError, DataError, LorafitError, RunError
 from ..evaluation.predictions import iter_json_objects, label_field, string_field
+from ..rundir import EVAL_DIR, predictions_name
 from . import store
 
 
@@ -160,7 +160,7 @@ def _draw_layout(rater_ids: list[str], item_ids: list[str], rng: random.Random) 
 
 def prediction_sets(run_dir: str | Path) -> list[str]:
     """Sets in RUN/eval that have both a base and a tuned predictions file."""
-    ev = Path(run_dir) / "eval"
+    ev = Path(run_dir) / EVAL_DIR
     def sets(model: str) -> set[str]:
         prefix = f"predictions-{model}-"
         return {p.name[len(prefix):-len(".jsonl")] for p in ev.glob(f"{prefix}*.jsonl")}
@@ -178,10 +178,9 @@ def create_study_from_run(run_dir: str | Path, set_name: str | None, raters: int
     if set_name is None:
         if len(sets) != 1:
             raise RunError(f"choose a prompt set; available: {', '.join(sets) or 'none'} "
-                           "(run `lorafit eval` to write predictions)", file=str(run_dir / "eval"))
+                           "(run `lorafit eval` to write predictions)", file=str(run_dir / EVAL_DIR))
         set_name = sets[0]
-    safe = re.sub(r"[^\w.-]", "_", set_name)  # as `lorafit eval` names the files
-    paths = [run_dir / "eval" / f"predictions-{m}-{safe}.jsonl" for m in ("base", "tuned")]
+    paths = [run_dir / EVAL_DIR / predictions_name(m, set_name) for m in ("base", "tuned")]
     for p in paths:
         if not p.is_file():
             raise RunError(f"no predictions for set '{set_name}' (available: {', '.join(sets) or 'none'};"

@@ -15,6 +15,7 @@ from typing import Any
 
 from ..config import load_config, save_config
 from ..errors import RunError
+from ..rundir import CONFIG, DIAGNOSIS
 from .detectors import (detect_divergence, detect_flat_loss, detect_fluctuation, detect_grad_explosion,
                         detect_warmup, early_window_end, find_spikes)
 from .findings import SEVERITIES, Finding, format_findings, sort_findings
@@ -102,12 +103,12 @@ def diagnose_run(run_dir: str | Path, write_config: str | Path | None = None,
         shown = tool_patches(findings, src.kind, src.tool_config, total)
     else:
         shown = findings
-        cfg_path = Path(config) if config is not None else src.folder / "config.yaml"
+        cfg_path = Path(config) if config is not None else src.folder / CONFIG
         if write_config is not None and not cfg_path.is_file():
             raise RunError("no config.yaml to patch (a run folder written by `lorafit train` has one)",
                            file=str(cfg_path))
     try:
-        (src.folder / "diagnosis.json").write_text(
+        (src.folder / DIAGNOSIS).write_text(
             json.dumps([f.to_dict() for f in shown], indent=2, ensure_ascii=False, allow_nan=False) + "\n",
             encoding="utf-8")
     except OSError as e:
@@ -124,7 +125,7 @@ def write_patched_config(run_dir: str | Path, findings: list[Finding], out: str 
                          config_file: str | Path | None = None) -> dict[str, Any]:
     """RUN/config.yaml (or config_file) with every finding's patch applied (merged conservatively),
     validated and saved ready for `lorafit train`. Returns the merged patch."""
-    cfg_path = Path(config_file) if config_file is not None else Path(run_dir) / "config.yaml"
+    cfg_path = Path(config_file) if config_file is not None else Path(run_dir) / CONFIG
     if not cfg_path.is_file():
         raise RunError("no config.yaml to patch (a run folder written by `lorafit train` has one)", file=str(cfg_path))
     patch = merge_patches(findings)

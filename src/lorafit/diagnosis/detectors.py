@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from ..rundir import EARLY_STOP, NONFINITE_SKIP
 from .findings import Finding
 from .patches import lower_lr, safer_clipping, longer_warmup, round_sig
 from .records import RunSeries
@@ -141,7 +142,7 @@ def detect_divergence(s: RunSeries, early_end: float | None = None) -> Finding |
 
     An early excursion that recovers (before `early_end`) is a warmup problem, not divergence.
     """
-    bad = sorted({int(e["step"]) for e in s.events if e.get("event") == "nonfinite_skip"
+    bad = sorted({int(e["step"]) for e in s.events if e.get("event") == NONFINITE_SKIP
                   and isinstance(e.get("step"), (int, float))} | set(s.nonfinite_steps))
     x = np.log(s.loss)
     evidence: dict[str, Any] = {}
@@ -184,7 +185,7 @@ def detect_divergence(s: RunSeries, early_end: float | None = None) -> Finding |
     evidence["nonfinite_steps"] = bad[:50]
     evidence["nonfinite_count"] = len(bad)
     limit = int(s.config.get("max_nonfinite_steps") or 3)
-    stopped = any(e.get("event") == "early_stop" and "nonfinite" in str(e.get("reason", "")) for e in s.events)
+    stopped = any(e.get("event") == EARLY_STOP and "nonfinite" in str(e.get("reason", "")) for e in s.events)
     critical = (rise_found and unrecovered) or stopped or ended_bad or len(bad) >= limit
     patch = {**lower_lr(s, 0.3), **safer_clipping(s), **longer_warmup(s)}
     if bad and s.config.get("dtype") == "float16":

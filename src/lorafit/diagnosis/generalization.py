@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from ..rundir import EARLY_STOP, START
 from .findings import Finding
 from .patches import DEFAULTS, round_sig
 from .records import RunSeries
@@ -91,7 +92,7 @@ def detect_overfitting(s: RunSeries) -> list[Finding]:
         epoch = _epoch_at(s, best_step)
         # With early stopping on (or an early_stop event) train restored the best adapter: the result is
         # fine, only the steps after the best were wasted.
-        restored = bool(s.config.get("early_stopping_patience")) or any(e.get("event") == "early_stop" for e in s.events)
+        restored = bool(s.config.get("early_stopping_patience")) or any(e.get("event") == EARLY_STOP for e in s.events)
         patch: dict[str, Any] = {} if restored else {"early_stopping_patience": 3}
         if epoch:
             ev["epoch_at_best"] = epoch
@@ -301,7 +302,7 @@ def _ci(v: Any) -> list[float] | None:
 def detect_setup(s: RunSeries) -> list[Finding]:
     """Run-setup observations: truncated examples, no validation set."""
     out = []
-    start = next((e for e in s.events if e.get("event") == "start"), {})
+    start = next((e for e in s.events if e.get("event") == START), {})
     trunc = start.get("truncated_examples")
     total = next((start.get(k) for k in ("train_examples", "examples", "n_train", "num_examples")
                   if isinstance(start.get(k), (int, float))), None)

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import rundir as R
 from ..errors import RunError
 
 # Fewer logged training losses than this get no verdict, only a note saying so: the detectors' noise,
@@ -39,7 +40,7 @@ class RunSeries:
         v = self.config.get(key)
         if v is None:
             for e in self.events:
-                if e.get("event") == "start" and e.get(key) is not None:
+                if e.get("event") == R.START and e.get(key) is not None:
                     return e[key]
             return default
         return v
@@ -186,13 +187,13 @@ def build_series(records: list[dict[str, Any]], config: dict[str, Any] | None = 
         if step is None or not math.isfinite(step):
             continue
         kind = r.get("type")
-        if kind == "train":
+        if kind == R.TYPE_TRAIN:
             train[int(step)] = r
-        elif kind == "eval":
+        elif kind == R.TYPE_EVAL:
             v = _num(r.get("eval_loss"))
             if v is not None and math.isfinite(v):
                 evals.setdefault(str(r.get("split", "val")), {})[int(step)] = v
-        elif kind == "event":
+        elif kind == R.TYPE_EVENT:
             events.append(r)
 
     steps, loss, lr, gn, ep, bad = [], [], [], [], [], []

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import rundir as R
 from ..errors import RunError
 from .records import as_number as _num
 from .toolconfig import lorafit_config, tool_config
@@ -115,7 +116,7 @@ def _optional_json(path: Path) -> dict[str, Any] | None:
 # --- shapes -> lorafit records ------------------------------------------------------------------
 def sniff(rows: list[dict[str, Any]]) -> str | None:
     """Which writer produced these JSON objects (None when none of the known ones did)."""
-    if any(r.get("type") in ("train", "eval", "event") for r in rows):
+    if any(r.get("type") in R.RECORD_TYPES for r in rows):
         return LORAFIT
     if any("current_steps" in r for r in rows):
         return LLAMAFACTORY
@@ -135,13 +136,13 @@ def from_llamafactory(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             continue
         total = _num(r.get("total_steps")) or total
         if "loss" in r:
-            out.append({"type": "train", "step": int(step), "loss": r["loss"],
+            out.append({"type": R.TYPE_TRAIN, "step": int(step), "loss": r["loss"],
                         "lr": r.get("lr", r.get("learning_rate")), "epoch": r.get("epoch"),
                         "tokens_per_s": r.get("throughput")})
         if "eval_loss" in r:
-            out.append({"type": "eval", "step": int(step), "split": "val", "eval_loss": r["eval_loss"]})
+            out.append(R.eval_record(int(step), "val", r["eval_loss"]))
     if total:
-        out.insert(0, {"type": "event", "step": 0, "event": "start", "total_steps": int(total)})
+        out.insert(0, {"type": R.TYPE_EVENT, "step": 0, "event": R.START, "total_steps": int(total)})
     return out
 
 
@@ -154,19 +155,19 @@ def from_log_history(history: list[Any], state: dict[str, Any] | None = None) ->
             continue
         step = int(_num(e["step"]))
         if "loss" in e:
-            out.append({"type": "train", "step": step, "loss": e["loss"], "lr": e.get("learning_rate"),
+            out.append({"type": R.TYPE_TRAIN, "step": step, "loss": e["loss"], "lr": e.get("learning_rate"),
                         "grad_norm": e.get("grad_norm"), "epoch": e.get("epoch")})
         for k, v in e.items():
             m = _EVAL_KEY.fullmatch(k)
             if m:
-                out.append({"type": "eval", "step": step, "split": m.group(1) or "val", "eval_loss": v})
+                out.append(R.eval_record(step, m.group(1) or "val", v))
     start = {}
     for key, name in (("max_steps", "total_steps"), ("logging_steps", "logging_steps")):
         v = _num((state or {}).get(key))
         if v is not None and v >= 1:
             start[name] = int(v)
     if start:
-        out.insert(0, {"type": "event", "step": 0, "event": "start", **start})
+        out.insert(0, {"type": R.TYPE_EVENT, "step": 0, "event": R.START, **start})
     return out
 
 
@@ -188,7 +189,7 @@ def _state_records(path: Path) -> list[dict[str, Any]]:
 
 
 def _last_train_step(records: list[dict[str, Any]]) -> float:
-    return max((_num(r.get("step")) or 0 for r in records if r.get("type") == "train"), default=-1)
+    return max((_num(r.get("step")) or 0 for r in records if r.get("type") == R.TYPE_TRAIN), default=-1)
 
 
 def _latest_checkpoint(folder: Path) -> Path | None:
@@ -207,12 +208,12 @@ def load_source(path: str | Path, config: str | Path | None = None, require_trai
         raise RunError("not found: expected a run folder or a training log file", file=str(p))
     kind, log_file, records = _find_log(p)
     folder = p if p.is_dir() else p.parent
-    if require_train and not any(r.get("type") == "train" for r in records):
+    if require_train and not any(r.get("type") == R.TYPE_TRAIN for r in records):
         raise RunError(f"no training records (no line with a step and a loss); {EXPECTED}",
                        file=str(log_file))
-    metrics = _optional_json(folder / "eval" / "metrics.json")
+    metrics = _optional_json(folder / R.EVAL_DIR / R.METRICS_JSON)
     if kind == LORAFIT:
-        cfg = lorafit_config(Path(config) if config is not None else folder / "config.yaml",
+        cfg = lorafit_config(Path(config) if config is not None else folder / R.CONFIG,
                              required=config is not None)
         return RunSource(kind, folder, log_file, records, metrics, cfg)
     cfg_file = Path(config) if config is not None else _tool_config_file(folder, kind)
@@ -229,8 +230,8 @@ def _tool_config_file(folder: Path, kind: str) -> Path | None:
 def _find_log(p: Path) -> tuple[str, Path, list[dict[str, Any]]]:
     if p.is_file():
         return _file_log(p)
-    if (p / "log.jsonl").is_file():
-        return _file_log(p / "log.jsonl")
+    if (p / R.LOG).is_file():
+        return _file_log(p / R.LOG)
     lf_log = p / "trainer_log.jsonl"
     state = p / "trainer_state.json"
     if not state.is_file():

@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from .. import rundir as R
+
 SCORED_KINDS = ("fluctuation", "plateau", "overfitting", "forgetting", "divergence", "lr_too_low",
                 "grad_explosion", "warmup_too_short")
 
@@ -335,28 +337,28 @@ def _records(rng: np.random.Generator, plant: set[str], s: _Shape, c: _Curves, o
     """log.jsonl's records: start, train records (1 in 10 in the older format without lr and grad_norm;
     NaN steps with their nonfinite_skip event), evaluations (val, and general when drawn), end."""
     old_format = rng.random() < 0.1 and "grad_explosion" not in plant   # older logs: no lr, no grad_norm
-    recs: list[dict[str, Any]] = [{"type": "event", "step": 0, "event": "start", "effective_warmup_steps": s.warm,
-                                   "total_steps": s.T, "truncated_examples": 0}]
+    recs: list[dict[str, Any]] = [{"type": R.TYPE_EVENT, "step": 0, "event": R.START,
+                                   "effective_warmup_steps": s.warm, "total_steps": s.T, "truncated_examples": 0}]
     by_step: dict[int, list[dict[str, Any]]] = {}
     for i, step in enumerate(s.steps):
         if step > c.end:
             break
         loss = float(np.exp(o.x_obs[i])) if step not in c.nan_steps else float("nan")
-        r_: dict[str, Any] = {"type": "train", "step": int(step), "epoch": round(float(step / (s.T / s.epochs)), 4),
-                              "loss": loss}
+        r_: dict[str, Any] = {"type": R.TYPE_TRAIN, "step": int(step),
+                              "epoch": round(float(step / (s.T / s.epochs)), 4), "loss": loss}
         if not old_format:
             r_.update(lr=float(s.lrs[step - 1]), grad_norm=float(np.exp(o.g_obs[i])), tokens_per_s=1000.0)
         by_step.setdefault(int(step), []).append(r_)
         if step in c.nan_steps:
-            by_step[int(step)].append({"type": "event", "step": int(step), "event": "nonfinite_skip"})
+            by_step[int(step)].append({"type": R.TYPE_EVENT, "step": int(step), "event": R.NONFINITE_SKIP})
     for e in o.ev_steps:
-        by_step.setdefault(e, []).append({"type": "eval", "step": e, "split": "val", "eval_loss": o.val_at[e]})
+        by_step.setdefault(e, []).append(R.eval_record(e, "val", o.val_at[e]))
         if c.general is not None:
-            by_step[e].append({"type": "eval", "step": e, "split": "general",
-                               "eval_loss": float(np.exp(c.general[max(e - 1, 0)] + rng.normal(0, o.sig_v)))})
+            general = float(np.exp(c.general[max(e - 1, 0)] + rng.normal(0, o.sig_v)))
+            by_step[e].append(R.eval_record(e, "general", general))
     for step in sorted(by_step):
         recs += by_step[step]
-    recs.append({"type": "event", "step": c.end, "event": "end"})
+    recs.append({"type": R.TYPE_EVENT, "step": c.end, "event": R.END})
     return recs
 
 

@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from .. import rundir as R
 from ..errors import ConfigError
 from .records import as_number as _num
 
@@ -113,6 +114,6 @@ def tool_config(path: Path | None, records: list[dict[str, Any]],
 
 def _total_steps(records: list[dict[str, Any]]) -> int | None:
     for r in records:
-        if r.get("type") == "event" and r.get("event") == "start" and _num(r.get("total_steps")):
+        if r.get("type") == R.TYPE_EVENT and r.get("event") == R.START and _num(r.get("total_steps")):
             return int(_num(r["total_steps"]))
     return None

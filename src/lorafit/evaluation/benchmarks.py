@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, DataError
+from ..rundir import benchmark_name
 from .metrics import detect_lang, mean_stats
 from .predictions import iter_json_objects
 from .stats import bootstrap_weights, paired_summary, percentile_ci, resampled
@@ -331,7 +332,7 @@ def compare_benchmarks(model: Any, tok: Any, benches: Sequence[Benchmark], *, ba
             correct = {m: [p == q.answer for p, q in zip(v, bench.test)] for m, v in preds.items()}
             entry[f"{k}-shot"] = accuracy_summary(correct, [q.subject for q in bench.test])
             if out_dir is not None:
-                _write_answers(Path(out_dir) / f"benchmark-{bench.name}-{k}shot.jsonl", bench, preds, ll)
+                _write_answers(Path(out_dir) / benchmark_name(bench.name, k), bench, preds, ll)
         results[bench.name] = entry
     return results
 

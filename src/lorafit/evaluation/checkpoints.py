@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..config import load_config
+from .. import rundir as R
 from ..data import ensure_template
 from ..errors import RunError
 from ..model import load_adapter, load_model, load_tokenizer
@@ -29,7 +29,7 @@ from .metrics import MODES, score_predictions
 from .run import EvalSet, eval_sets, measure
 from .table import GENERAL
 
-SELECTED = "selected-adapter"
+SELECTED = R.SELECTED_ADAPTER
 ADAPTER_FILE = "adapter_model.safetensors"
 
 
@@ -46,18 +46,18 @@ def candidates(run: Path) -> list[Candidate]:
     import warnings
 
     out = []
-    for ckpt in list_checkpoints(run / "checkpoints"):
+    for ckpt in list_checkpoints(run / R.CHECKPOINTS):
         problem = verify(ckpt)
         if problem is not None:
             warnings.warn(f"skipping damaged checkpoint {ckpt}: {problem}", stacklevel=2)
             continue
         out.append(Candidate(ckpt.name, "checkpoint", int(ckpt.name.split("-", 1)[1]), ckpt))
     end = _end_event(run)
-    if (run / "best-adapter" / ADAPTER_FILE).is_file():
-        out.append(Candidate("best", "best", end.get("best_step"), run / "best-adapter"))
-    if (run / "adapter" / ADAPTER_FILE).is_file():
-        early = bool(load_config(run / "config.yaml").early_stopping_patience) and end.get("best_step") is not None
-        out.append(Candidate("final", "final", end.get("best_step") if early else end.get("step"), run / "adapter"))
+    if (run / R.BEST_ADAPTER / ADAPTER_FILE).is_file():
+        out.append(Candidate("best", "best", end.get("best_step"), run / R.BEST_ADAPTER))
+    if (run / R.ADAPTER / ADAPTER_FILE).is_file():
+        early = bool(R.read_config(run).early_stopping_patience) and end.get("best_step") is not None
+        out.append(Candidate("final", "final", end.get("best_step") if early else end.get("step"), run / R.ADAPTER))
     if not out:
         raise RunError("no checkpoints and no adapter to evaluate", file=str(run))
     return out
@@ -69,7 +69,7 @@ def peft_weights(c: Candidate) -> dict[str, Any]:
     from safetensors.torch import load_file
 
     if c.kind == "checkpoint":
-        return {k.replace(".default", ""): v for k, v in load_file(str(c.path / "trainable.safetensors")).items()}
+        return {k.replace(".default", ""): v for k, v in load_file(str(c.path / R.CKPT_WEIGHTS)).items()}
     return load_file(str(c.path / ADAPTER_FILE))
 
 
@@ -80,7 +80,7 @@ def evaluate_checkpoints(run_dir: str | Path, *, max_new_tokens: int | None = No
     from peft import set_peft_model_state_dict
 
     run = Path(run_dir)
-    cfg = load_config(run / "config.yaml")
+    cfg = R.read_config(run)
     mode = mode or cfg.metric_mode
     if mode not in MODES:
         raise RunError(f"unknown metric mode {mode!r}; expected one of {MODES}", field="mode")
@@ -89,7 +89,7 @@ def evaluate_checkpoints(run_dir: str | Path, *, max_new_tokens: int | None = No
     model = load_adapter(load_model(cfg.model, device=device, dtype=cfg.dtype), cands[-1].path)
     model.eval()
     todo = [EvalSet.of(n, exs, tok, cfg.system_prompt)
-            for n, exs in eval_sets(cfg, run / "config.yaml", sets, max_samples).items()]
+            for n, exs in eval_sets(cfg, run / R.CONFIG, sets, max_samples).items()]
     opts = dict(tok=tok, out_dir=None, max_new_tokens=max_new_tokens or cfg.max_new_tokens,
                 batch_size=batch_size or cfg.eval_batch_size, max_length=cfg.max_length,
                 system_prompt=cfg.system_prompt, progress=progress)
@@ -175,9 +175,9 @@ def export_selected(run_dir: str | Path, choice: dict[str, Any]) -> Path:
     out, tmp = run / SELECTED, run / f".{SELECTED}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    shutil.copy2(run / "adapter" / "adapter_config.json", tmp / "adapter_config.json")
+    shutil.copy2(run / R.ADAPTER / "adapter_config.json", tmp / "adapter_config.json")
     save_file({k: v.contiguous() for k, v in peft_weights(cand).items()}, str(tmp / ADAPTER_FILE))
-    (tmp / "selected.json").write_text(json.dumps(choice, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    (tmp / R.SELECTED_CHOICE).write_text(json.dumps(choice, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
@@ -189,7 +189,7 @@ def checkpoints_and_select(run_dir: str | Path, *, evaluate: bool = True, choose
     """The ``--checkpoints`` / ``--select`` command: evaluate the candidates (or, for ``--select`` alone,
     reuse RUN/eval/checkpoints.json when it exists), then optionally select and export one."""
     run = Path(run_dir)
-    saved = run / "eval" / "checkpoints.json"
+    saved = run / R.EVAL_DIR / R.CHECKPOINTS_JSON
     if evaluate or not saved.is_file():
         table = evaluate_checkpoints(run, **kwargs)
     else:
@@ -198,7 +198,7 @@ def checkpoints_and_select(run_dir: str | Path, *, evaluate: bool = True, choose
         except ValueError as e:
             raise RunError(f"unreadable checkpoints table ({e}); rerun with --checkpoints", file=str(saved)) from None
     if choose:
-        table["selected"] = select(table, load_config(run / "config.yaml").forgetting_budget)
+        table["selected"] = select(table, R.read_config(run).forgetting_budget)
         if table["selected"].get("name"):
             table["selected"]["path"] = str(export_selected(run, table["selected"]))
         write_table(run, table)
@@ -206,10 +206,10 @@ def checkpoints_and_select(run_dir: str | Path, *, evaluate: bool = True, choose
 
 
 def write_table(run: Path, table: dict[str, Any]) -> None:
-    d = run / "eval"
+    d = run / R.EVAL_DIR
     d.mkdir(parents=True, exist_ok=True)
-    (d / "checkpoints.json").write_text(json.dumps(table, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    (d / "checkpoints.md").write_text(checkpoints_table_md(table), encoding="utf-8")
+    (d / R.CHECKPOINTS_JSON).write_text(json.dumps(table, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    (d / R.CHECKPOINTS_MD).write_text(checkpoints_table_md(table), encoding="utf-8")
 
 
 def checkpoints_table_md(table: dict[str, Any]) -> str:
@@ -241,7 +241,7 @@ def _n(v: float | None, digits: int = 2) -> str:
 
 def _end_event(run: Path) -> dict[str, Any]:
     """The training log's last "end" event (best_step, step), or {}."""
-    log = run / "log.jsonl"
+    log = run / R.LOG
     end: dict[str, Any] = {}
     if log.is_file():
         for line in log.read_text(encoding="utf-8", errors="replace").splitlines():
@@ -249,7 +249,7 @@ def _end_event(run: Path) -> dict[str, Any]:
                 rec = json.loads(line)
             except ValueError:
                 continue
-            if isinstance(rec, dict) and rec.get("event") == "end":
+            if isinstance(rec, dict) and rec.get("event") == R.END:
                 end = rec
     return end
 

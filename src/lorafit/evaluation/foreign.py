@@ -24,9 +24,9 @@ from ..config import FIELDS
 from ..data import ensure_template, group_references, read_examples
 from ..errors import ConfigError, RunError
 from ..model import load_adapter, load_model, load_tokenizer
+from ..rundir import METRICS_JSON
 from .metrics import MODES
-from .run import STATS_INFO, EvalSet, compare, measure
-from .table import metrics_table_md
+from .run import STATS_INFO, EvalSet, compare, measure, write_metrics
 
 _LORA_KEY = re.compile(r"base_model\.model\.(.+)\.lora_([AB])(?:\.[^.]+)?\.weight")
 
@@ -46,7 +46,7 @@ def _check_out(out: Path, names: list[str]) -> None:
     if not entries:
         return
     try:
-        earlier = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+        earlier = json.loads((out / METRICS_JSON).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         earlier = None
     if not (isinstance(earlier, dict) and "adapter" in earlier and "sets" in earlier):
@@ -99,8 +99,7 @@ def evaluate_adapter(model: str, adapter: str | Path, val: dict[str, str | Path]
                                    "adapter": str(adapter.resolve()), "sets": {}}
         for s in todo:
             metrics["sets"][s.name] = compare(s, before[s.name], measure(tuned, s, "tuned", **opts), mode)
-        (stage / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        (stage / "metrics.md").write_text(metrics_table_md(metrics), encoding="utf-8")
+        write_metrics(stage, metrics)   # metrics.json and metrics.md, as `lorafit eval RUN` writes them
         out.mkdir(exist_ok=True)
         for f in stage.iterdir():
             os.replace(f, out / f.name)

@@ -15,6 +15,7 @@ from matplotlib.figure import Figure
 from ..diagnosis import Finding, diagnose_records, read_run, spikes_of
 from ..diagnosis.records import RunSeries, build_series
 from ..diagnosis.stats import ema
+from ..rundir import CHECKPOINTS_JSON, CHECKPOINTS_PNG, EVAL_DIR, LOSS_PLOT
 
 SPLIT_COLORS = ["#d62728", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
 
@@ -98,7 +99,7 @@ def plot_loss(run_dir: str | Path, findings: list[Finding] | list[dict] | None =
     findings = [f if isinstance(f, Finding) else Finding.from_dict(f) for f in findings]
     s = build_series(records, config)
     fig = draw_loss(s, findings, title=run.resolve().name)
-    out = run / "loss.png"
+    out = run / LOSS_PLOT
     fig.savefig(out, format="png", dpi=100)
     return out
 
@@ -145,12 +146,12 @@ def plot_checkpoints(run_dir: str | Path) -> Path | None:
     """Write RUN/eval/checkpoints.png from RUN/eval/checkpoints.json (None when there is no table)."""
     import json
 
-    path = Path(run_dir) / "eval" / "checkpoints.json"
+    path = Path(run_dir) / EVAL_DIR / CHECKPOINTS_JSON
     if not path.is_file():
         return None
     table = json.loads(path.read_text(encoding="utf-8"))
     if not table.get("target_set") or not table.get("checkpoints"):
         return None
-    out = path.with_suffix(".png")
+    out = path.parent / CHECKPOINTS_PNG
     draw_checkpoints(table).savefig(out, format="png", dpi=100)
     return out

@@ -17,6 +17,7 @@ from ..diagnosis import Finding, diagnose_records, read_run
 from ..diagnosis.findings import SEVERITIES, format_patch, format_steps, sort_findings
 from ..diagnosis.records import RunSeries, build_series
 from ..errors import RunError
+from ..rundir import REPORT_HTML, REPORT_MD
 from .benchmarks import benchmark_blocks
 from .evaluation import checkpoint_blocks, flips_blocks, health_blocks, metrics_blocks
 from .plots import plot_loss
@@ -268,7 +269,7 @@ def write_report(run_dir: str | Path, study: Study = None) -> tuple[Path, Path]:
               + metrics_blocks(run, metrics) + benchmark_blocks(metrics) + health_blocks(metrics)
               + flips_blocks(metrics)
               + checkpoint_blocks(run) + _study(study) + _config(config))
-    html_path, md_path = run / "report.html", run / "report.md"
+    html_path, md_path = run / REPORT_HTML, run / REPORT_MD
     html_path.write_text(to_html(title, blocks), encoding="utf-8")
     md_path.write_text(to_markdown(title, blocks), encoding="utf-8")
     return html_path, md_path

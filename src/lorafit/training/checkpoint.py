@@ -24,10 +24,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import TrainingError
+from ..rundir import CKPT_MANIFEST as MANIFEST
+from ..rundir import CKPT_OPTIMIZER, CKPT_RNG, CKPT_STATE, CKPT_WEIGHTS
+from ..rundir import STEP_PREFIX as PREFIX
 from . import dist
 
-MANIFEST = "manifest.json"
-PREFIX = "step-"
 _TMP_NAME = re.compile(rf"\.tmp-{PREFIX}\d+-\d+")  # the temporary folder of one checkpoint write
 
 
@@ -118,10 +119,10 @@ def save_checkpoint(ckpt_root: Path, step: int, *, model: torch.nn.Module | None
             shutil.rmtree(stale, ignore_errors=True)
     tmp = ckpt_root / f".tmp-{PREFIX}{step}-{os.getpid()}"
     tmp.mkdir()
-    save_file(weights, str(tmp / "trainable.safetensors"))
-    torch.save(optim_state, tmp / "optimizer.pt")
-    torch.save(rng_state(), tmp / "rng.pt")
-    (tmp / "state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
+    save_file(weights, str(tmp / CKPT_WEIGHTS))
+    torch.save(optim_state, tmp / CKPT_OPTIMIZER)
+    torch.save(rng_state(), tmp / CKPT_RNG)
+    (tmp / CKPT_STATE).write_text(json.dumps(state, indent=1), encoding="utf-8")
     files = {}
     for f in sorted(tmp.iterdir()):
         _fsync_file(f)
@@ -176,7 +177,7 @@ def latest_valid(ckpt_root: Path) -> Path | None:
 
 def load_checkpoint(ckpt: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Every rank reads the full tensors and keeps its slice where the model is sharded (FSDP)."""
-    weights = load_file(str(ckpt / "trainable.safetensors"))
+    weights = load_file(str(ckpt / CKPT_WEIGHTS))
     params = dict(model.named_parameters())
     missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
     if missing:
@@ -184,15 +185,15 @@ def load_checkpoint(ckpt: Path, *, model: torch.nn.Module, optimizer: torch.opti
     with torch.no_grad():
         for n, t in weights.items():
             params[n].copy_(dist.shard_like(t.to(params[n].dtype), params[n]))
-    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=False))
+    optimizer.load_state_dict(torch.load(ckpt / CKPT_OPTIMIZER, map_location="cpu", weights_only=False))
     for group in optimizer.param_groups:  # moments of a sharded parameter: keep this rank's slice
         for p in group["params"]:
             st = optimizer.state.get(p, {})
             for k, v in st.items():
                 if torch.is_tensor(v) and v.dim() > 0:
                     st[k] = dist.shard_like(v, p)
-    set_rng_state(torch.load(ckpt / "rng.pt", weights_only=False))
-    return json.loads((ckpt / "state.json").read_text(encoding="utf-8"))
+    set_rng_state(torch.load(ckpt / CKPT_RNG, weights_only=False))
+    return json.loads((ckpt / CKPT_STATE).read_text(encoding="utf-8"))
 
 
 def save_adapter_atomic(model: Any, out: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:

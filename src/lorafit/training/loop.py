@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .. import data as D
-from ..config import TrainConfig, save_config
+from ..config import TrainConfig, fused_kernels_refused, save_config
 from ..errors import ConfigError, TrainingError
 from ..model import apply_lora, assert_finite, load_model, load_tokenizer, pick_device, pick_dtype
 from . import checkpoint as C
@@ -92,9 +92,9 @@ class Trainer:
         dtype = str(pick_dtype(cfg.dtype, device)).split(".")[-1]
         base = load_model(cfg.model, device="cpu" if ws > 1 else str(device), dtype=dtype)
         self.strategy = dist.choose(cfg.distributed, dist.model_bytes(base), device) if ws > 1 else "none"
-        if self.strategy == "fsdp" and cfg.fused_kernels is True:
-            raise ConfigError("fused_kernels is not supported under FSDP (chosen for a model of "
-                              f"{dist.model_bytes(base) / 2**30:.1f} GiB); set fused_kernels: false or distributed: ddp",
+        refused = fused_kernels_refused(cfg.fused_kernels, self.strategy)  # `auto` may have chosen FSDP
+        if refused:
+            raise ConfigError(f"{refused}; FSDP was chosen for a model of {dist.model_bytes(base) / 2**30:.1f} GiB",
                               field="fused_kernels")
         self.fused = resolve_fused(cfg.fused_kernels, device, self.strategy)
         if self.strategy != "fsdp":
@@ -153,36 +153,37 @@ class Trainer:
         if dist.is_main():
             self.lock = FolderLock(out)  # held until the run ends
             rundir.mark_run_dir(out)
-        ckpt_root = out / "checkpoints"
+        ckpt_root = out / rundir.CHECKPOINTS
         ckpt = C.latest_valid(ckpt_root) if ckpt_root.exists() else None
         if ckpt is not None:
             self.state = LoopState.from_dict(C.load_checkpoint(ckpt, model=self.peft_model, optimizer=self.opt))
         if dist.is_main():
             save_config(dataclasses.replace(cfg, total_steps=plan.total_steps, effective_warmup_steps=plan.warmup_steps,
                                             global_batch_size=plan.global_batch_size, world_size=plan.world_size),
-                        out / "config.yaml")
+                        out / rundir.CONFIG)
             if cfg.report_to:
                 from ..trackers import Trackers
 
                 self.trackers = Trackers.open(cfg.report_to, out, cfg.to_dict())
         with self.watchdog.phase("setup (waiting for every process to open the run folder)"):
             dist.barrier()
-        self.logf = JsonlLog(out / "log.jsonl", self.state.log_lines,
+        self.logf = JsonlLog(out / rundir.LOG, self.state.log_lines,
                              sink=None if self.trackers is None else self.trackers.log)
         if ckpt is not None:
-            self.logf.write({"type": "event", "step": self.state.step, "event": "resume", "checkpoint": ckpt.name,
-                             "world_size": plan.world_size})
+            self.logf.write(rundir.event(self.state.step, rundir.RESUME, checkpoint=ckpt.name,
+                                         world_size=plan.world_size))
             log.info("resumed from %s (step %d)", ckpt, self.state.step)
         else:
-            self.logf.write({"type": "event", "step": 0, "event": "start", "total_steps": plan.total_steps,
-                             "effective_warmup_steps": plan.warmup_steps, "train_examples": len(self.enc.input_ids),
-                             "general_examples": self.datasets.n_general, "truncated_examples": self.enc.n_truncated,
-                             "val_sets": {k: len(v.input_ids) for k, v in self.val_enc.items()},
-                             "world_size": plan.world_size, "global_batch_size": plan.global_batch_size,
-                             "learning_rate": cfg.learning_rate, "distributed": self.strategy,
-                             "device": str(self.device), "micro_batches_per_epoch": plan.micro_batches_per_epoch,
-                             "packing": bool(cfg.packing), "fused_kernels": self.fused, "step_kind": self.step_kind,
-                             **({"step_fallback": self.step_reason} if self.step_reason else {})})
+            self.logf.write(rundir.event(
+                0, rundir.START, total_steps=plan.total_steps, effective_warmup_steps=plan.warmup_steps,
+                train_examples=len(self.enc.input_ids), general_examples=self.datasets.n_general,
+                truncated_examples=self.enc.n_truncated,
+                val_sets={k: len(v.input_ids) for k, v in self.val_enc.items()},
+                world_size=plan.world_size, global_batch_size=plan.global_batch_size,
+                learning_rate=cfg.learning_rate, distributed=self.strategy, device=str(self.device),
+                micro_batches_per_epoch=plan.micro_batches_per_epoch, packing=bool(cfg.packing),
+                fused_kernels=self.fused, step_kind=self.step_kind,
+                **({"step_fallback": self.step_reason} if self.step_reason else {})))
         log.info("effective warmup: %d of %d steps (max(warmup_steps=%d, ceil(%.3g x %d)))",
                  plan.warmup_steps, plan.total_steps, cfg.warmup_steps, cfg.warmup_ratio, plan.total_steps)
         log.info("%d training examples (%d general), %d truncated to max_length=%d; global batch %d "
@@ -201,7 +202,7 @@ class Trainer:
             with self.watchdog.phase(f"evaluation of '{name}' at step {step}"):
                 self.last_eval[name] = evaluate_loss(self.peft_model if self.fused else self.model, v, cfg.eval_batch_size,
                                                      self.tok.pad_token_id, self.device, flat=self.fused)
-            self.logf.write({"type": "eval", "step": step, "split": name, "eval_loss": self.last_eval[name]})
+            self.logf.write(rundir.eval_record(step, name, self.last_eval[name]))
         monitor = next((k for k in self.val_enc if k != "general"), None)
         if monitor is None:
             return False
@@ -212,7 +213,7 @@ class Trainer:
                 with self.watchdog.phase(f"best-adapter save at step {step}"):
                     full = C.trainable_state(self.peft_model) if self.sharded else None  # a collective under FSDP
                     if dist.is_main():
-                        C.save_adapter_atomic(self.peft_model, self.out / "best-adapter", full)
+                        C.save_adapter_atomic(self.peft_model, self.out / rundir.BEST_ADAPTER, full)
         else:
             s.bad_evals += 1
         return bool(cfg.early_stopping_patience) and s.bad_evals >= cfg.early_stopping_patience
@@ -308,13 +309,13 @@ class Trainer:
     def _nonfinite(self, step: int, step_loss: float, gnorm: float) -> None:
         s, cfg = self.state, self.cfg
         s.nonfinite_run += 1
-        self.logf.write({"type": "event", "step": step + 1, "event": "nonfinite_skip",
-                         "loss": step_loss if math.isfinite(step_loss) else None,
-                         "grad_norm": gnorm if math.isfinite(gnorm) else None, "consecutive": s.nonfinite_run})
+        self.logf.write(rundir.event(step + 1, rundir.NONFINITE_SKIP,
+                                     loss=step_loss if math.isfinite(step_loss) else None,
+                                     grad_norm=gnorm if math.isfinite(gnorm) else None, consecutive=s.nonfinite_run))
         log.warning("step %d: non-finite loss/gradient, step skipped (%d in a row)", step + 1, s.nonfinite_run)
         if s.nonfinite_run >= cfg.max_nonfinite_steps:
-            self.logf.write({"type": "event", "step": step + 1, "event": "diverged",
-                             "reason": f"{s.nonfinite_run} consecutive non-finite steps"})
+            self.logf.write(rundir.event(step + 1, rundir.DIVERGED,
+                                         reason=f"{s.nonfinite_run} consecutive non-finite steps"))
             raise TrainingError(f"training diverged: {s.nonfinite_run} consecutive non-finite steps at step "
                                 f"{step + 1}; lower learning_rate (e.g. {cfg.learning_rate / 10:g}) or raise warmup; "
                                 "no adapter was saved", file=str(self.out))
@@ -327,7 +328,7 @@ class Trainer:
         with self.watchdog.phase(f"checkpoint at step {done}"):
             full, full_opt = (C.trainable_state(self.peft_model), C.optimizer_state(self.opt)) if self.sharded else (None, None)
             if dist.is_main():
-                C.save_checkpoint(self.out / "checkpoints", done, model=self.peft_model, optimizer=self.opt,
+                C.save_checkpoint(self.out / rundir.CHECKPOINTS, done, model=self.peft_model, optimizer=self.opt,
                                   state=dataclasses.asdict(s), keep=self.cfg.save_total_limit, weights=full,
                                   optim_state=full_opt)
             dist.barrier()
@@ -359,8 +360,8 @@ class Trainer:
             pending = None
             if self.after(current):
                 done = step + 1
-                self.logf.write({"type": "event", "step": done, "event": "early_stop", "best_step": self.state.best_step,
-                                 "best_loss": self.state.best_loss})
+                self.logf.write(rundir.event(done, rundir.EARLY_STOP, best_step=self.state.best_step,
+                                             best_loss=self.state.best_loss))
                 self._close_bar()
                 return done, True
             done = step + 1
@@ -388,9 +389,8 @@ class Trainer:
         if done % cfg.logging_steps == 0 or done == total:
             now = time.perf_counter()
             tps = self.acc_tokens / max(now - self.t_last, 1e-9)
-            rec = {"type": "train", "step": done, "epoch": round(done * self.plan.micro_batches_per_step /
-                                                                 self.plan.micro_batches_per_epoch, 4),
-                   "loss": s.acc_loss / s.acc_steps, "lr": lr, "grad_norm": gnorm, "tokens_per_s": round(tps, 1)}
+            rec = rundir.train_record(done, done * self.plan.micro_batches_per_step / self.plan.micro_batches_per_epoch,
+                                      s.acc_loss / s.acc_steps, lr, gnorm, tps)
             self.logf.write(rec)
             if self.bar is not None:
                 self.bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:.0f}")
@@ -417,17 +417,17 @@ class Trainer:
                 assert_finite(self.peft_model)
             elif (bad := C.first_nonfinite(full)) is not None:
                 raise TrainingError(f"non-finite values in adapter weight {bad}; refusing to save/merge")
-            if cfg.early_stopping_patience and (out / "best-adapter").is_dir():
-                if (out / "adapter").exists():
-                    shutil.rmtree(out / "adapter")
-                os.replace(out / "best-adapter", out / "adapter")
+            if cfg.early_stopping_patience and (out / rundir.BEST_ADAPTER).is_dir():
+                if (out / rundir.ADAPTER).exists():
+                    shutil.rmtree(out / rundir.ADAPTER)
+                os.replace(out / rundir.BEST_ADAPTER, out / rundir.ADAPTER)
             else:
-                C.save_adapter_atomic(self.peft_model, out / "adapter", full)
-            self.logf.write({"type": "event", "step": done, "event": "end", "best_step": s.best_step,
-                             "best_loss": s.best_loss, "final_eval": self.last_eval,
-                             **({"graphs": self.bucketed.memory()} if self.bucketed is not None else {}),
-                             **({"peak_memory_gib": round(torch.cuda.max_memory_allocated(self.device) / 2 ** 30, 3)}
-                                if self.device.type == "cuda" else {})})
+                C.save_adapter_atomic(self.peft_model, out / rundir.ADAPTER, full)
+            self.logf.write(rundir.event(
+                done, rundir.END, best_step=s.best_step, best_loss=s.best_loss, final_eval=self.last_eval,
+                **({"graphs": self.bucketed.memory()} if self.bucketed is not None else {}),
+                **({"peak_memory_gib": round(torch.cuda.max_memory_allocated(self.device) / 2 ** 30, 3)}
+                   if self.device.type == "cuda" else {})))
             self.logf.sync()
         with self.watchdog.phase("the end of the run (waiting for rank 0's adapter save)"):
             dist.barrier()

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from ..config import TrainConfig
+from ..config import TrainConfig, fused_kernels_refused
 from ..errors import ConfigError
 
 
@@ -48,10 +48,11 @@ def make_plan(cfg: TrainConfig, micro_batches_per_epoch: int, world_size: int) -
 
 
 def resolve_fused(setting: bool | str, device: torch.device, strategy: str) -> bool:
-    """`fused_kernels: auto` is on where CUDA and Triton run (not under FSDP); true/false are kept."""
+    """`fused_kernels: auto` is on where CUDA and Triton run and `true` would be allowed (not under FSDP:
+    config.fused_kernels_refused); true/false are kept."""
     if setting != "auto":
         return bool(setting)
-    if device.type != "cuda" or strategy == "fsdp":
+    if device.type != "cuda" or fused_kernels_refused(True, strategy):
         return False
     import importlib.util
 
