@@ -1,5 +1,5 @@
 """Batch layouts (`data/packing.py`). That a pack trains as its examples alone: tests/unit/kernels/test_accelerate.py
-and tests/unit/test_train.py."""
+and tests/unit/training/test_train.py."""
 from lorafit.data.packing import pack_batch, plan_packs
 
 

@@ -247,7 +247,7 @@ def test_docs_run_folder_lists_every_record_field_the_trainer_writes(trained):
     import re
     from pathlib import Path
 
-    doc = (Path(__file__).resolve().parents[2] / "docs" / "run-folder.md").read_text(encoding="utf-8")
+    doc = (Path(__file__).resolve().parents[3] / "docs" / "run-folder.md").read_text(encoding="utf-8")
     named = set(re.findall(r"`([^`]+)`", doc)) | set(re.findall(r'"(\w+)"', doc))
     named |= {w.strip("`/") for w in named} | {w.split("/")[0] for w in named}
     missing = set()

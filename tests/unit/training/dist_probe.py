@@ -1,7 +1,7 @@
-"""Run under torchrun by tests/unit/test_dist_matrix.py: train several configs in the same processes
+"""Run under torchrun by tests/unit/training/test_dist_matrix.py: train several configs in the same processes
 (one process-group start-up for the lot), optionally with faults injected on one rank.
 
-    python -m torch.distributed.run --standalone --nproc_per_node N tests/unit/dist_probe.py SPEC.json
+    python -m torch.distributed.run --standalone --nproc_per_node N tests/unit/training/dist_probe.py SPEC.json
 
 SPEC: a list of {"config": PATH, "nan_at": K | null, "hang_rank": R | null}. `nan_at`: the loss of the
 run's micro-batch K is NaN on whichever rank computes it; `hang_rank`: that rank never arrives at its

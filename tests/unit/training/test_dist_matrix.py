@@ -2,7 +2,7 @@
 validation size, eval batch size, early stopping or a NaN on one rank; a stuck collective stops the run
 with one line naming the phase; errors under torchrun are one line, exit 2.
 
-Each torchrun launch trains several configs in the same processes (tests/unit/dist_probe.py), and each
+Each torchrun launch trains several configs in the same processes (tests/unit/training/dist_probe.py), and each
 N-process run is compared with one process at the same global batch (gradient_accumulation_steps N).
 Every launch runs under a timeout, so a hang fails the test instead of stalling CI.
 """

@@ -190,7 +190,7 @@ def test_bench_dist_cpu_smoke(tmp_path):
     """benchmarks/bench_dist.py's driver, 2 processes FSDP on CPU: runs, and each rank holds half the weights."""
     from pathlib import Path
 
-    script = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_dist.py"
+    script = Path(__file__).resolve().parents[3] / "benchmarks" / "bench_dist.py"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, str(script), "--sweep", "2", "--strategy", "fsdp", "--device", "cpu",
                         "--model", "smollm2-135m", "--steps", "1", "--warmup", "0", "--length", "16",

@@ -12,7 +12,7 @@ from lorafit.evaluation.run import EvalSet, Measured, compare
 from lorafit.evaluation.table import metrics_table_md
 from lorafit.reporting import write_report
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 QUESTIONS = ["How do I return a bike?", "我想退货，怎么办？", "How do I track my order?", "请问如何预约维修？",
              "Can I cancel?", "怎样取消订单？"]
 REFS = ["You can return any bike within 45 days.", "购买后45天内可以退货。", "Your tracking link is in the email.",
