@@ -9,7 +9,6 @@ from .accelerate import (Accelerated, Acceleration, accelerate_model, accelerate
                          fused_layer_body, restore_model)
 from .attention import causal_attention, varlen_attention, varlen_attention_reference
 from .cross_entropy import causal_lm_loss_reference, fused_causal_lm_loss
-from .graphs import CudaGraphStep
 from .dropout import DropoutSeed
 from .lora import AdapterCache, LoraProj, lora_group, lora_group_reference
 from ..data.packing import pack_batch, pad_batch, plan_packs  # re-exported: packing is data layout, not a kernel
@@ -18,7 +17,7 @@ from .rotary import rope, rope_qk, rope_reference
 from .swiglu import swiglu, swiglu_reference
 
 __all__ = [
-    "Accelerated", "Acceleration", "AdapterCache", "CudaGraphStep", "DropoutSeed", "LoraProj", "accelerate_model",
+    "Accelerated", "Acceleration", "AdapterCache", "DropoutSeed", "LoraProj", "accelerate_model",
     "accelerated", "add_rms_norm", "add_rms_norm_reference",
     "causal_attention", "decoder_forward", "causal_lm_loss", "causal_lm_loss_reference", "fused_layer_body",
     "fused_causal_lm_loss", "lora_group", "lora_group_reference", "pack_batch", "pad_batch", "plan_packs",
