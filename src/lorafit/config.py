@@ -112,12 +112,12 @@ class TrainConfig:
                                    "(default) turns them on where CUDA and Triton run (then LoRA dropout is drawn inside "
                                    "the fused products from (seed, micro-batch)) and off elsewhere (CPU: nothing changes); "
                                    "true / false force it.")
-    cuda_graph: bool | str = _f("auto", "With fused kernels: each micro-batch's forward and backward is padded to a length "
-                                "bucket (a multiple of 128, at most max_length; right padding needs no attention mask "
-                                "under causal attention) and replayed from a CUDA graph captured once per bucket; "
-                                "clipping, the finiteness check and the optimizer step run after it. 'auto': on CUDA "
-                                "where the step allows it (not with packing, FSDP, DoRA or gradient checkpointing); "
-                                "true: also on CPU, without capture (the same bucketed step, for tests); false: off.")
+    cuda_graph: bool | str = _f("auto", "With fused kernels: each micro-batch's examples (a padded batch's rows, or a "
+                                "pack) run as one padding-free row filled to a length bucket (a multiple of 128), its "
+                                "forward and backward replayed from a CUDA graph captured once per bucket; clipping "
+                                "and the (device-guarded) optimizer step run after it. 'auto': on CUDA where the step "
+                                "allows it (not with FSDP, DoRA or gradient checkpointing); true: also on CPU, without "
+                                "capture (the same step, for tests); false: off.")
     distributed: str = _f("auto", "Under torchrun: 'ddp' (the frozen base is replicated on every GPU, only LoRA gradients "
                           "are all-reduced), 'fsdp' (FSDP2: every weight, the frozen base included, is sharded over "
                           "the GPUs and gathered one decoder layer at a time; for a base that does not fit one GPU) or "
