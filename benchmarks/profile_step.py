@@ -6,7 +6,7 @@
 The run is lorafit's trainer (`lorafit.training.loop.Trainer`) on a random-weight folder of the named shape
 (`shapes.build_model_folder`) and synthetic examples of `--length` tokens (batch 2), so every step has
 the same shape. The profiler records `--steps` optimizer steps after `--warmup` (CUDA warm-up and, on the
-graph step, the captures): `train_step` is the trainer's phase, wrapped here only to tell the profiler
+graph step, the captures): `launch` is the trainer's phase that issues a step, wrapped here only to tell the profiler
 where a step ends. With the CUDA-graph step the kernels are those the graph replays; host gaps show as
 the difference between wall time and GPU time. Writes per-kernel and per-op (with input shapes) CUDA
 time per step, largest first.

@@ -47,11 +47,6 @@ class Stream:
         idx = self.indices(k)
         return collate([self.enc.input_ids[i] for i in idx], [self.enc.labels[i] for i in idx], self.pad)
 
-    def examples(self, k: int) -> tuple[list[list[int]], list[list[int]]]:
-        """Micro-batch k's token ids and labels, unpadded (the bucketed step lays them end to end)."""
-        idx = self.indices(k)
-        return [self.enc.input_ids[i] for i in idx], [self.enc.labels[i] for i in idx]
-
     def window_examples(self, window: range, budget: int | None = None) -> list[tuple[list[list[int]], list[list[int]]]]:
         """The examples of one optimizer step's micro-batches, in window order. With `budget` (the one-row
         step's token budget), the window's examples are re-dealt into as many micro-batches of near-equal

@@ -1,5 +1,5 @@
 """The trainer, in phases (as torchtune's recipes and litgpt's finetune are): `setup` (data, model,
-wrapper, optimizer) -> `resume` -> `fit`, a loop of `train_step` / maybe `evaluate` / maybe
+wrapper, optimizer) -> `resume` -> `fit`, a loop of `launch` / `resolve` / maybe `evaluate` / maybe
 `checkpoint` -> `finish`. State lives in `LoopState` (what a checkpoint holds) and `Plan` (what is
 resolved from the config and the world size: returned and logged, never written back into the config).
 
@@ -301,10 +301,6 @@ class Trainer:
             return None
         self.state.nonfinite_run = 0
         return step_loss, gnorm, p.lr, p.tokens
-
-    def train_step(self, step: int) -> tuple[float, float, float, int] | None:
-        """One optimizer step, launched and read back: (mean loss, grad norm, lr, real tokens) or None."""
-        return self.resolve(self.launch(step))
 
     def _nonfinite(self, step: int, step_loss: float, gnorm: float) -> None:
         s, cfg = self.state, self.cfg
