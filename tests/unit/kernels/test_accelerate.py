@@ -160,3 +160,29 @@ def test_fused_residual_and_pinned_sdpa_match_plain_acceleration(kind: str, ckpt
     assert max(rel(grads[n], ref_grads[n]) for n in ref_grads) < 1e-4
     if ckpt:
         causal.gradient_checkpointing_disable()
+
+
+@pytest.mark.usefixtures("torch_paths")
+def test_full_rows_run_as_rows_with_the_one_row_loss_and_gradients() -> None:
+    """Examples of one length that fill their bucket (`flat_batch`'s full-row case, run with plain causal
+    attention) give the loss and gradients of the same examples laid end to end in one varlen row."""
+    from lorafit.training.graphstep import flat_batch, graph_key
+
+    model = tiny_peft("llama")
+    accelerate_model(model)
+    torch.manual_seed(1)
+    ids = [torch.randint(0, 300, (64,)).tolist() for _ in range(2)]
+    labels = [x[:5] + [-100] * 3 + x[8:] for x in ids]
+    rows = flat_batch(ids, labels, budget=128, pad_id=0)
+    assert rows["input_ids"].shape == (2, 64) and "cu_seq_lens_q" not in rows and graph_key(rows) == (2, 64, 0)
+    one = pack_batch(ids, labels, pad_to_tokens=128, pad_to_segments=8)
+    assert graph_key(one) == (1, 128, 9)
+    loss_r, grads_r = loss_and_grads(model, {k: v.to(DEV) if torch.is_tensor(v) else v for k, v in rows.items()})
+    loss_o, grads_o = loss_and_grads(model, {k: v.to(DEV) if torch.is_tensor(v) else v for k, v in one.items()})
+    assert abs(loss_r - loss_o) < 1e-5 * abs(loss_o)
+    for name in grads_o:
+        assert rel(grads_r[name], grads_o[name]) < 1e-4, name
+    # not full rows: unequal lengths, or rows that leave filler in their bucket, stay one varlen row
+    assert "cu_seq_lens_q" in flat_batch([ids[0], ids[1][:63]], [labels[0], labels[1][:63]], budget=128, pad_id=0)
+    assert "cu_seq_lens_q" in flat_batch([x[:60] for x in ids], [x[:60] for x in labels], budget=256, pad_id=0)
+    assert flat_batch([ids[0] * 2], [labels[0] * 2], budget=256, pad_id=0)["input_ids"].shape == (1, 128)
