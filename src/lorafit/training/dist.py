@@ -142,6 +142,75 @@ def average_gradients(params: list[torch.Tensor], flat: torch.Tensor | None = No
     torch._foreach_copy_(grads, list(_unflatten_dense_tensors(buf, grads)))
 
 
+class BackwardReduce:
+    """The flat gradient buffer all-reduced in chunks during backward, each chunk as soon as backward has
+    accumulated its last gradient: DDP's bucket hooks, for a step DDP does not wrap (a replayed CUDA graph,
+    where the collectives are captured with the rest of the step and overlap the layers still in backward).
+
+    Chunks are runs of whole parameters in the buffer's order (~1/16 of it, at least `min_elems`), so the
+    first layers' gradients, computed last, leave only a small tail after backward. Chunks are issued in
+    descending order only (a chunk that completes early waits for the ones above it): every rank issues
+    the same collectives in the same order whatever order its hooks fire in. The buffer must be
+    pre-scaled so that the sum over ranks is the average (the trainer scales the loss by 1/denominator).
+    Only for steps with one micro-batch per rank: the reduction must see the finished gradient.
+    """
+
+    def __init__(self, params: list[torch.Tensor], flat: torch.Tensor, min_elems: int = 1 << 20) -> None:
+        self.flat = flat
+        target = max(min_elems, flat.numel() // 16)
+        self.chunks: list[tuple[int, int, int]] = []  # (start, end, parameters)
+        self._chunk_of: dict[int, int] = {}
+        start = offset = count = 0
+        for p in params:
+            self._chunk_of[id(p)] = len(self.chunks)
+            offset += p.numel()
+            count += 1
+            if offset - start >= target or p is params[-1]:
+                self.chunks.append((start, offset, count))
+                start, count = offset, 0
+        self.armed = False
+        self._left: list[int] = []
+        self._next = -1
+        self._works: list[Any] = []
+        self._handles = [p.register_post_accumulate_grad_hook(self._accumulated) for p in params]
+
+    def begin(self) -> None:
+        """Arm the hooks for the backward that follows."""
+        self.armed, self._works = True, []
+        self._left = [n for _, _, n in self.chunks]
+        self._next = len(self.chunks) - 1
+
+    def _issue_ready(self) -> None:
+        while self._next >= 0 and self._left[self._next] == 0:
+            lo, hi, _ = self.chunks[self._next]
+            self._works.append(dist.all_reduce(self.flat[lo:hi], async_op=True))
+            self._next -= 1
+
+    def _accumulated(self, p: torch.Tensor) -> None:
+        if self.armed:
+            self._left[self._chunk_of[id(p)]] -= 1
+            self._issue_ready()
+
+    def finish(self) -> None:
+        """After backward: issue what is left (chunks whose parameters got no gradient), in the same order,
+        and make the current stream wait for every chunk."""
+        for c in range(self._next + 1):
+            self._left[c] = 0
+        self._issue_ready()
+        for w in self._works:
+            w.wait()
+        self.armed, self._works = False, []
+
+    def idle(self) -> None:
+        """A rank with no micro-batch in this step joins the same collectives with its zero gradients."""
+        self.begin()
+        self.finish()
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
 def broadcast_params(params: list[torch.Tensor]) -> None:
     """Rank 0's values for `params` on every rank (what DDP does when it wraps a model)."""
     if world()[2] == 1:

@@ -20,8 +20,10 @@ once. What a graph needs is fixed shapes and no host synchronisation, so:
   All graphs share one memory pool (they never run at the same time), so the memory they hold is that of
   the largest bucket's step, not the sum.
 - **What stays outside the graph** (in the trainer): the loss scale (a device scalar filled before each
-  replay), the dropout seed (a device counter the trainer sets per micro-batch), the gradient all-reduce
-  for several processes, clipping and the optimizer step. Gradients are the graphs' own accumulation
+  replay), the dropout seed (a device counter the trainer sets per micro-batch), clipping and the
+  optimizer step. The gradient all-reduce for several processes is inside the graph when each process
+  runs one micro-batch a step (`dist.BackwardReduce`: chunks issued as backward finishes them, so they
+  overlap the rest of backward; captured once, replayed with the step), else after the replays. Gradients are the graphs' own accumulation
   buffers, views of one flat buffer (one all-reduce for several processes): zeroed in place, never set
   to None.
 
@@ -76,8 +78,10 @@ class BucketedStep:
     `scale`). `budget`: the most tokens a micro-batch holds (batch_size x max_length, or the pack size)."""
 
     def __init__(self, model: torch.nn.Module, params: list[torch.Tensor], *, budget: int, pad_id: int,
-                 device: torch.device, capture: bool, warmup: int = 2, seed: Any = None) -> None:
+                 device: torch.device, capture: bool, warmup: int = 2, seed: Any = None,
+                 reduce_in_backward: bool = False) -> None:
         from ..kernels import causal_lm_loss
+        from .dist import BackwardReduce
 
         self.model, self.params, self.budget, self.pad_id, self.device = model, params, budget, pad_id, device
         self.capture, self.warmup, self.loss_fn, self.seed = capture, warmup, causal_lm_loss, seed
@@ -86,10 +90,20 @@ class BucketedStep:
         self.graphs: dict[tuple[int, ...], tuple[Any, dict[str, Any], torch.Tensor]] = {}
         self.pool = torch.cuda.graph_pool_handle() if capture else None
         self.flat_grad = _flat_grads(params, device)
+        # Several processes, one micro-batch each per step: the gradient all-reduce runs inside backward (and
+        # inside the captured graph), chunk by chunk; the caller scales the loss so that the sum is the mean.
+        self.reducer = BackwardReduce(params, self.flat_grad) \
+            if reduce_in_backward and self.flat_grad is not None else None
+        self._warming = False
 
     def _forward_backward(self, batch: dict[str, Any]) -> torch.Tensor:
+        reduce = self.reducer is not None and not self._warming
+        if reduce:
+            self.reducer.begin()
         lsum = self.loss_fn(self.model, batch, num_items_in_batch=self.one)
         (lsum * self.scale).backward()
+        if reduce:
+            self.reducer.finish()
         return lsum.detach()
 
     def __call__(self, examples: tuple[Sequence[Sequence[int]], Sequence[Sequence[int]]], scale: float) -> torch.Tensor:
@@ -116,11 +130,15 @@ class BucketedStep:
         seed = None if self.seed is None else self.seed.value.clone()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(self.warmup):
-                if seed is not None:
-                    self.seed.value.copy_(seed)
-                self._forward_backward(static)
+        self._warming = True  # no collectives: the other ranks are not warming up this shape
+        try:
+            with torch.cuda.stream(side):
+                for _ in range(self.warmup):
+                    if seed is not None:
+                        self.seed.value.copy_(seed)
+                    self._forward_backward(static)
+        finally:
+            self._warming = False
         torch.cuda.current_stream().wait_stream(side)
         with torch.no_grad():
             if self.flat_grad is not None:

@@ -129,7 +129,8 @@ class Trainer:
             budget = max(cfg.pack_tokens or cfg.batch_size * cfg.max_length, cfg.max_length) if cfg.packing \
                 else cfg.batch_size * cfg.max_length
             self.bucketed = BucketedStep(model, params, budget=budget, pad_id=self.tok.pad_token_id, device=device,
-                                         capture=self.step_kind == "cuda_graph", seed=self.dropout_seed)
+                                         capture=self.step_kind == "cuda_graph", seed=self.dropout_seed,
+                                         reduce_in_backward=ws > 1 and self.plan.micro_batches_per_step <= ws)
             self.model = model
         else:
             if self.fused:
@@ -233,6 +234,10 @@ class Trainer:
         mine = list(window)[rank::ws]
         if self.bucketed is not None:  # one-row micro-batches: balanced over the processes (Stream.window_examples)
             dealt = self.stream.window_examples(window, None if cfg.packing else self.bucketed.budget)[rank::ws]
+        # Gradients are averaged over the ranks by a sum (in backward) of losses scaled by 1/denominator, or by
+        # an all-reduce after the micro-batches of losses scaled by N/denominator, then divided by N.
+        reducer = self.bucketed.reducer if self.bucketed is not None else None
+        scale = (1 if reducer is not None else ws) / max(denom, 1)
         local_loss = torch.zeros((), dtype=torch.float64, device=self.device)
         with self.watchdog.phase(f"training step {step + 1}"):
             for j, k in enumerate(mine):
@@ -242,13 +247,15 @@ class Trainer:
                 if self.kernels is not None:  # seeded dropout: the next forward draws the masks of (seed, k)
                     self.kernels.set_micro_batch(cfg.seed, k)
                 if self.bucketed is not None:
-                    lsum = self.bucketed(dealt[j], ws / max(denom, 1))
+                    lsum = self.bucketed(dealt[j], scale)
                 else:
                     with dist.no_sync(self.model, last=j == len(mine) - 1):
                         lsum, _ = loss_sum(self.model, self.stream.batch(k), self.device, self.fused)
-                        (lsum * (ws / max(denom, 1))).backward()
+                        (lsum * scale).backward()
                 local_loss += lsum.detach()  # no host sync per micro-batch
-            if self.bucketed is not None and ws > 1:
+            if reducer is not None and not mine:
+                reducer.idle()  # no micro-batch here this step: join the in-backward collectives with zeros
+            elif self.bucketed is not None and reducer is None and ws > 1:
                 dist.average_gradients(self.params, self.bucketed.flat_grad)  # what DDP's hooks do on the eager path
             if cfg.l2_penalty:
                 # Classic L2, a penalty l2_penalty * sum(w^2) in the loss (unlike AdamW's decoupled decay),
