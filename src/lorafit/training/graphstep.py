@@ -21,9 +21,10 @@ once. What a graph needs is fixed shapes and no host synchronisation, so:
   the largest bucket's step, not the sum.
 - **What stays outside the graph** (in the trainer): the loss scale (a device scalar filled before each
   replay), the dropout seed (a device counter the trainer sets per micro-batch), clipping and the
-  optimizer step. The gradient all-reduce for several processes is inside the graph when each process
-  runs one micro-batch a step (`dist.BackwardReduce`: chunks issued as backward finishes them, so they
-  overlap the rest of backward; captured once, replayed with the step), else after the replays. Gradients are the graphs' own accumulation
+  optimizer step; the gradient all-reduce for several processes (one flat all-reduce after the replays).
+  Uncaptured (`capture=False`) with one micro-batch per process a step, the all-reduce runs inside
+  backward instead (`dist.BackwardReduce`: chunks issued as backward finishes them); captured in the graph
+  it hung on two H200s, so the trainer does not ask for it there. Gradients are the graphs' own accumulation
   buffers, views of one flat buffer (one all-reduce for several processes): zeroed in place, never set
   to None.
 

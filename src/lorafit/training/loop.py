@@ -123,6 +123,8 @@ class Trainer:
         self.bucketed = None
         if self.step_kind in ("cuda_graph", "bucketed"):
             params = [p for p in model.parameters() if p.requires_grad]
+            # The in-backward all-reduce is kept out of captured graphs: with NCCL collectives captured inside the
+            # graph, `--nproc 2` on two H200s hung (docs/distributed.md); replays are followed by one flat all-reduce.
             if ws > 1:  # no DDP wrapper around a replayed graph: same start everywhere, gradients averaged by hand
                 with self.watchdog.phase("setup (broadcasting the adapter)"):
                     dist.broadcast_params(params)
@@ -130,7 +132,8 @@ class Trainer:
                 else cfg.batch_size * cfg.max_length
             self.bucketed = BucketedStep(model, params, budget=budget, pad_id=self.tok.pad_token_id, device=device,
                                          capture=self.step_kind == "cuda_graph", seed=self.dropout_seed,
-                                         reduce_in_backward=ws > 1 and self.plan.micro_batches_per_step <= ws)
+                                         reduce_in_backward=ws > 1 and self.plan.micro_batches_per_step <= ws
+                                         and self.step_kind != "cuda_graph")
             self.model = model
         else:
             if self.fused:
