@@ -61,19 +61,30 @@ def build_model(dst: Path) -> None:
     torch.cuda.empty_cache()
 
 
+TIMEOUT: float | None = None  # seconds a training command may take (--timeout)
+
+
 def train(name: str, cfg: dict, out: Path, nproc: int) -> dict:
     path = out / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     cmd = [sys.executable, "-m", "lorafit", "train", str(path), "--no-progress"] + (["--nproc", str(nproc)] if nproc > 1 else [])
     t0 = time.perf_counter()
-    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    # stderr goes to a file as it comes (a hung run leaves its log behind); a run past --timeout is killed
+    err = out / f"{name}.stderr"
+    with err.open("w") as fh:
+        try:
+            r = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=fh, text=True, timeout=TIMEOUT,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            code = r.returncode
+        except subprocess.TimeoutExpired:
+            code = "timeout"
     wall = time.perf_counter() - t0
     run = Path(cfg["output_dir"])
     recs = [json.loads(ln) for ln in (run / "log.jsonl").read_text().splitlines()] if (run / "log.jsonl").is_file() else []
     train_recs = [r for r in recs if r["type"] == "train"]
     tps = [r["tokens_per_s"] for r in train_recs[len(train_recs) // 2:]]  # steady state: the second half
     return {"command": " ".join(["lorafit", "train", path.name, "--no-progress"] + (["--nproc", str(nproc)] if nproc > 1 else [])),
-            "config": cfg, "exit": r.returncode, "wall_s": round(wall, 1), "stderr_tail": r.stderr[-1500:],
+            "config": cfg, "exit": code, "wall_s": round(wall, 1), "stderr_tail": err.read_text()[-1500:],
             "start": recs[0] if recs else None,
             "train": [(r["step"], r["loss"]) for r in train_recs], "eval": [(r["step"], r["split"], r["eval_loss"]) for r in recs if r["type"] == "eval"],
             "tokens_per_s": [r["tokens_per_s"] for r in train_recs],
@@ -122,7 +133,10 @@ def main() -> int:
     r.add_argument("--out", required=True)
     r.add_argument("--steps", type=int, default=60)
     r.add_argument("--model-dir", default="/tmp/llama3-8b-shape")
+    r.add_argument("--timeout", type=float, default=None, help="seconds each training command may take")
     a = ap.parse_args()
+    global TIMEOUT
+    TIMEOUT = getattr(a, "timeout", None)
     if a.cmd == "prepare":
         prepare(Path(a.shared), Path(a.out), a.train, a.val)
     else:
