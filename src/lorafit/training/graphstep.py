@@ -21,10 +21,10 @@ once. What a graph needs is fixed shapes and no host synchronisation, so:
   the largest bucket's step, not the sum.
 - **What stays outside the graph** (in the trainer): the loss scale (a device scalar filled before each
   replay), the dropout seed (a device counter the trainer sets per micro-batch), clipping and the
-  optimizer step; the gradient all-reduce for several processes (one flat all-reduce after the replays).
-  Uncaptured (`capture=False`) with one micro-batch per process a step, the all-reduce runs inside
-  backward instead (`dist.BackwardReduce`: chunks issued as backward finishes them); captured in the graph
-  it hung on two H200s, so the trainer does not ask for it there. Gradients are the graphs' own accumulation
+  optimizer step. The gradient all-reduce for several processes is inside the graph when each process
+  runs one micro-batch a step (`dist.BackwardReduce`: chunks issued as backward finishes them, so they
+  overlap the rest of backward; captured once, replayed with the step), else after the replays. Graphs
+  holding NCCL collectives must be freed before the process group is destroyed (`release`). Gradients are the graphs' own accumulation
   buffers, views of one flat buffer (one all-reduce for several processes): zeroed in place, never set
   to None.
 
@@ -152,6 +152,16 @@ class BucketedStep:
         with torch.cuda.graph(graph, pool=self.pool):
             loss = self._forward_backward(static)
         return graph, static, loss
+
+    def release(self) -> None:
+        """Free the captured graphs (and unhook the reducer) before the process group goes: a live graph
+        holding captured NCCL collectives makes `destroy_process_group` wait forever."""
+        if self.capture and self.graphs:
+            torch.cuda.synchronize(self.device)
+        self.graphs.clear()
+        if self.reducer is not None:
+            self.reducer.remove()
+            self.reducer = None
 
     def memory(self) -> dict[str, Any]:
         """What the captured graphs hold, for the run's start/end events ("tokens/boundaries" per one-row

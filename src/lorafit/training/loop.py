@@ -56,7 +56,7 @@ class Trainer:
         self.trackers: Any = None
         self.state = LoopState()
         self.last_eval: dict[str, float] = {}
-        self.watchdog = dist.Watchdog(cfg.dist_timeout, on_fire=self.close)
+        self.watchdog = dist.Watchdog(cfg.dist_timeout, on_fire=self.close_files)
         self.bar: Any = None
 
     # --- setup: everything that can fail on bad input happens before the first byte is written
@@ -123,8 +123,6 @@ class Trainer:
         self.bucketed = None
         if self.step_kind in ("cuda_graph", "bucketed"):
             params = [p for p in model.parameters() if p.requires_grad]
-            # The in-backward all-reduce is kept out of captured graphs: with NCCL collectives captured inside the
-            # graph, `--nproc 2` on two H200s hung (docs/distributed.md); replays are followed by one flat all-reduce.
             if ws > 1:  # no DDP wrapper around a replayed graph: same start everywhere, gradients averaged by hand
                 with self.watchdog.phase("setup (broadcasting the adapter)"):
                     dist.broadcast_params(params)
@@ -132,8 +130,7 @@ class Trainer:
                 else cfg.batch_size * cfg.max_length
             self.bucketed = BucketedStep(model, params, budget=budget, pad_id=self.tok.pad_token_id, device=device,
                                          capture=self.step_kind == "cuda_graph", seed=self.dropout_seed,
-                                         reduce_in_backward=ws > 1 and self.plan.micro_batches_per_step <= ws
-                                         and self.step_kind != "cuda_graph")
+                                         reduce_in_backward=ws > 1 and self.plan.micro_batches_per_step <= ws)
             self.model = model
         else:
             if self.fused:
@@ -439,7 +436,18 @@ class Trainer:
             dist.barrier()
 
     def close(self) -> None:
-        """Every exit path: close the log and trackers, remove the lock (only its holder does)."""
+        """Every exit path: free the captured graphs (before `dist.cleanup`), then `close_files`."""
+        bucketed = getattr(self, "bucketed", None)
+        if bucketed is not None:
+            try:
+                bucketed.release()
+            except Exception as e:  # a failed device must not hide the error that ended the run
+                log.warning("freeing the CUDA graphs failed: %s", e)
+        self.close_files()
+
+    def close_files(self) -> None:
+        """Close the log and trackers, remove the lock (only its holder does). What the watchdog runs before
+        it ends a stuck process: nothing here waits on the device."""
         if self.logf is not None:
             self.logf.close()
         if self.trackers is not None:
