@@ -439,8 +439,9 @@ class Trainer:
         """Every exit path: free the captured graphs (before `dist.cleanup`), then `close_files`."""
         bucketed = getattr(self, "bucketed", None)
         if bucketed is not None:
-            try:
-                bucketed.release()
+            try:  # waits for the device: a peer that never joins a captured collective trips the watchdog
+                with self.watchdog.phase("the end of the run (freeing the CUDA graphs)"):
+                    bucketed.release()
             except Exception as e:  # a failed device must not hide the error that ended the run
                 log.warning("freeing the CUDA graphs failed: %s", e)
         self.close_files()
