@@ -76,19 +76,51 @@ def _cfg(tmp_path, tiny_model_dir, name, **kw):
     return p
 
 
+PROBE = """
+import sys
+import torch
+from lorafit.cli import main
+from lorafit.training import dist, graphstep
+
+real, calls = graphstep.BucketedStep._forward_backward, {"n": 0}
+
+def nan_at_micro_batch_3(self, batch):  # the run's micro-batch k = call x world size + rank (one per process)
+    k = calls["n"] * dist.world()[2] + dist.world()[0]
+    calls["n"] += 1
+    if k != 3:
+        return real(self, batch)
+    self.loss_fn, keep = (lambda *a, **kw: keep(*a, **kw) * float("nan")), self.loss_fn
+    try:
+        return real(self, batch)
+    finally:
+        self.loss_fn = keep
+
+graphstep.BucketedStep._forward_backward = nan_at_micro_batch_3
+sys.exit(main(["train", sys.argv[1], "--no-progress"]))
+"""
+
+
 @pytest.mark.slow
 def test_bucketed_step_on_two_processes_matches_one(tmp_path, tiny_model_dir):
-    # cuda_graph on CPU: the bucketed step without capture, its all-reduce inside backward under 2 processes
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for name, extra, nproc in (("one", {}, None), ("two", {"gradient_accumulation_steps": 1}, 2)):
-        cmd = [sys.executable, "-m", "lorafit", "train", str(_cfg(tmp_path, tiny_model_dir, name, **extra)),
-               "--no-progress"] + ([f"--nproc={nproc}"] if nproc else [])
-        r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-        assert r.returncode == 0, r.stderr[-3000:]
+    """cuda_graph on CPU: the bucketed step without capture, its all-reduce inside backward under 2 processes.
+    Micro-batch 3 (step 2, rank 1's) has a NaN loss: both processes must skip that step, as one process does."""
     import json
 
-    start = json.loads((tmp_path / "two" / "log.jsonl").read_text().splitlines()[0])
-    assert start["step_kind"] == "bucketed" and start["world_size"] == 2
+    probe = tmp_path / "probe.py"
+    probe.write_text(PROBE)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for name, extra, nproc in (("one", {}, 1), ("two", {"gradient_accumulation_steps": 1}, 2)):
+        cfg = _cfg(tmp_path, tiny_model_dir, name, **extra)
+        cmd = [sys.executable, str(probe), str(cfg)] if nproc == 1 else \
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(probe), str(cfg)]
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+    recs = {n: [json.loads(ln) for ln in (tmp_path / n / "log.jsonl").read_text().splitlines()] for n in ("one", "two")}
+    assert recs["two"][0]["step_kind"] == "bucketed" and recs["two"][0]["world_size"] == 2
+    for n in ("one", "two"):
+        assert [r["step"] for r in recs[n] if r.get("event") == "nonfinite_skip"] == [2], n
+    losses = lambda L: [(r["step"], round(r["loss"], 5)) for r in L if r["type"] == "train"]  # noqa: E731
+    assert losses(recs["one"]) == losses(recs["two"])
     wa = load_file(str(tmp_path / "one" / "adapter" / "adapter_model.safetensors"))
     wb = load_file(str(tmp_path / "two" / "adapter" / "adapter_model.safetensors"))
     assert wa.keys() == wb.keys()
