@@ -113,9 +113,10 @@ class TrainConfig:
                                    "the fused products from (seed, micro-batch)) and off elsewhere (CPU: nothing changes); "
                                    "true / false force it.")
     cuda_graph: bool | str = _f("auto", "With fused kernels: each micro-batch's examples (a padded batch's rows, or a "
-                                "pack) run as one padding-free row filled to a length bucket (a multiple of 128), its "
-                                "forward and backward replayed from a CUDA graph captured once per bucket; clipping "
-                                "and the (device-guarded) optimizer step run after it. 'auto': on CUDA where the step "
+                                "pack) run as one padding-free row filled to a length bucket (a multiple of 128; rows of one "
+                                "length that fill it exactly stay rows), its forward and backward replayed from a CUDA "
+                                "graph captured once per bucket, with the gradient all-reduce inside it under several "
+                                "processes; clipping and the (device-guarded) optimizer step run after it. 'auto': on CUDA where the step "
                                 "allows it (not with FSDP, DoRA or gradient checkpointing); true: also on CPU, without "
                                 "capture (the same step, for tests); false: off.")
     distributed: str = _f("auto", "Under torchrun: 'ddp' (the frozen base is replicated on every GPU, only LoRA gradients "
