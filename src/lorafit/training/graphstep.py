@@ -24,9 +24,9 @@ once. What a graph needs is fixed shapes and no host synchronisation, so:
   optimizer step. The gradient all-reduce for several processes is inside the graph when each process
   runs one micro-batch a step (`dist.BackwardReduce`: chunks issued as backward finishes them, so they
   overlap the rest of backward; captured once, replayed with the step), else after the replays. Graphs
-  holding NCCL collectives must be freed before the process group is destroyed (`release`). Gradients are the graphs' own accumulation
-  buffers, views of one flat buffer (one all-reduce for several processes): zeroed in place, never set
-  to None.
+  holding NCCL collectives must be freed before the process group is destroyed (`release`). Gradients
+  are the graphs' own accumulation buffers, views of one flat buffer (one all-reduce for several
+  processes): zeroed in place, never set to None.
 
 `capture=False` runs the same one-row, bucketed step eagerly (CPU, tests): the reference the graph replays.
 """
