@@ -295,7 +295,15 @@ def test_real_cli_subprocess(tmp_path, args, file, line, field, fragment):
     assert not out.exists()
 
 
-def test_unreachable_hub_model(capsys, tmp_path):
+def test_unreachable_hub_model(capsys, tmp_path, monkeypatch):
+    # Offline (no DNS), huggingface_hub retries each request 5 times with back-off sleeps of 1+2+4+8+8 s,
+    # twice: 46 s of waiting. The requests and their failures stay real; only the waits between them go.
+    import time
+    import types
+
+    from huggingface_hub.utils import _http
+
+    monkeypatch.setattr(_http, "time", types.SimpleNamespace(**{**vars(time), "sleep": lambda s: None}))
     msg = _train(capsys, BAD / "base.yaml", "--model=no-such-org/no-such-model", f"--output_dir={tmp_path / 'out'}")
     _check(msg, "no-such-org/no-such-model", None, "model", "cannot load")
     assert list(tmp_path.iterdir()) == []
