@@ -39,7 +39,7 @@ def _zero_adapter(cfg, out: Path) -> None:
     peft.save_pretrained(out)
 
 
-def test_eval_smollm2_base_vs_zero_adapter(tmp_path, smollm2_gguf):
+def test_eval_smollm2_base_vs_zero_adapter(tmp_path, smollm2_gguf, gguf_loaded_once):
     qa = [{"instruction": "What is the capital of France?", "output": "The capital of France is Paris."},
           {"instruction": "What is 2 + 2?", "output": "2 + 2 = 4."}]
     (tmp_path / "qa.json").write_text(json.dumps(qa), encoding="utf-8")

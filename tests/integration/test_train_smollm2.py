@@ -8,13 +8,13 @@ from conftest import shared
 pytestmark = pytest.mark.integration
 
 
-def test_smollm2_learns_bitext_and_adapter_changes_greedy_output(tmp_path, smollm2_gguf):
+def test_smollm2_learns_bitext_and_adapter_changes_greedy_output(tmp_path, smollm2_gguf, gguf_loaded_once):
     import lorafit
 
     csv_path = shared("domain/bitext-support-en/Bitext_Sample_Customer_Support_Training_Dataset.csv")
     out = tmp_path / "run"
     res = lorafit.train({"model": smollm2_gguf, "data": [str(csv_path)], "max_samples": 40, "val_size": 8,
-                         "max_length": 96, "max_steps": 16, "learning_rate": 1e-3, "eval_steps": 16,
+                         "max_length": 96, "max_steps": 8, "learning_rate": 1e-3, "eval_steps": 8,
                          "logging_steps": 4, "save_steps": 100, "output_dir": str(out)}, progress=False)
     recs = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
     ev = [r["eval_loss"] for r in recs if r["type"] == "eval"]
