@@ -1,17 +1,21 @@
-"""Run under torchrun by tests/unit/training/test_dist_matrix.py: train several configs in the same processes
-(one process-group start-up for the lot), optionally with faults injected on one rank.
+"""Run under torchrun by tests/unit/training/test_dist_matrix.py and test_distributed.py: train several configs
+in the same processes (one process-group start-up for the lot), optionally with faults injected on one rank.
 
     python -m torch.distributed.run --standalone --nproc_per_node N tests/unit/training/dist_probe.py SPEC.json
 
 SPEC: a list of {"config": PATH, "nan_at": K | null, "hang_rank": R | null}. `nan_at`: the loss of the
 run's micro-batch K is NaN on whichever rank computes it; `hang_rank`: that rank never arrives at its
-first evaluation all-reduce (the watchdog must stop the run). Exits with lorafit's CLI status.
+first evaluation all-reduce (the watchdog must stop the run: put such a run last). Exits with lorafit's
+CLI status. For each run, each rank writes PATH.start-RANK (time.time() as it starts the run) and, when the
+run returns, PATH.exit-RANK (its CLI status).
 """
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
+from pathlib import Path
 
 from lorafit.data import batches
 from lorafit.training import dist, loop
@@ -56,9 +60,13 @@ def main() -> int:
     # One process group for all the runs: torchrun's rendezvous store is set up for one initialisation.
     real_cleanup, loop.dist.cleanup = loop.dist.cleanup, lambda: None
     status = 0
+    rank = os.environ.get("RANK", "0")
     for run in json.loads(open(sys.argv[1]).read()):
         inject(run.get("nan_at"), run.get("hang_rank"))
-        status = cli(["train", run["config"], "--no-progress"]) or status
+        Path(f"{run['config']}.start-{rank}").write_text(repr(time.time()))
+        code = cli(["train", run["config"], "--no-progress"])
+        Path(f"{run['config']}.exit-{rank}").write_text(str(code))
+        status = code or status
     real_cleanup()
     return status
 

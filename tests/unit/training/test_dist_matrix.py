@@ -3,7 +3,8 @@ validation size, eval batch size, early stopping or a NaN on one rank; a stuck c
 with one line naming the phase; errors under torchrun are one line, exit 2.
 
 Each torchrun launch trains several configs in the same processes (tests/unit/training/dist_probe.py), and each
-N-process run is compared with one process at the same global batch (gradient_accumulation_steps N).
+N-process run is compared with one process at the same global batch (gradient_accumulation_steps N). One
+launch per process count (`launch`): the 2-process one also holds the watchdog test's stuck run, last.
 Every launch runs under a timeout, so a hang fails the test instead of stalling CI.
 """
 from __future__ import annotations
@@ -57,6 +58,47 @@ def _torchrun(n: int, spec: list[dict], tmp: Path, timeout: int = 300) -> subpro
                            str(PROBE), str(sp)], capture_output=True, text=True, env=env, timeout=timeout)
 
 
+EBS = (1, 4, 8)
+
+
+def _nan_at(nproc: int, ebs: int, nan_rank: int = 1) -> int | None:
+    """In the eval_batch_size-4 run, step 2's micro-batch of rank `nan_rank` is NaN (step 2's micro-batches
+    are nproc..2*nproc-1; rank r takes nproc + r)."""
+    return nproc * 1 + nan_rank if ebs == 4 else None
+
+
+@pytest.fixture(scope="module")
+def launch(tmp_path_factory, tiny_model_dir):
+    """`launch(nproc)` -> (folder, finished process, time it ended): one torchrun launch per process count,
+    made on first use, training `n{nproc}-e{ebs}` for every eval batch size; the 2-process launch then runs
+    `stuck` (rank 1 never arrives at the step-0 evaluation; dist_timeout 4 s), which ends it."""
+    done: dict[int, tuple[Path, subprocess.CompletedProcess, float] | BaseException] = {}
+
+    def get(nproc: int):
+        if nproc not in done:
+            tmp = tmp_path_factory.mktemp(f"nproc{nproc}")
+            spec = [{"config": str(_cfg(tmp, tiny_model_dir, f"n{nproc}-e{ebs}", ga=1, eval_batch_size=ebs)),
+                     "nan_at": _nan_at(nproc, ebs)} for ebs in EBS]
+            if nproc == 2:
+                spec.append({"config": str(_cfg(tmp, tiny_model_dir, "stuck", ga=1, dist_timeout=4)), "hang_rank": 1})
+            try:
+                r = _torchrun(nproc, spec, tmp)
+                done[nproc] = (tmp, r, time.time())
+            except subprocess.TimeoutExpired as e:  # a hang: every test of this launch fails, none waits again
+                done[nproc] = e
+        if isinstance(done[nproc], BaseException):
+            raise done[nproc]
+        return done[nproc]
+
+    return get
+
+
+def _exits(cfg: Path, nproc: int) -> list[str | None]:
+    """Each rank's CLI status for the run of `cfg` (None: the rank never returned from it)."""
+    return [(cfg.parent / f"{cfg.name}.exit-{r}").read_text() if (cfg.parent / f"{cfg.name}.exit-{r}").exists()
+            else None for r in range(nproc)]
+
+
 def _records(run: Path) -> list[tuple]:
     recs = [json.loads(ln) for ln in (run / "log.jsonl").read_text().splitlines()]
     return [(r["type"], r["step"], r.get("split"), r.get("event"), r.get("loss", r.get("eval_loss")))
@@ -77,35 +119,32 @@ def _same_run(a: Path, b: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("nproc,nan_rank", [(2, 1), (3, 1)])
-def test_matrix_matches_one_process(tmp_path, tiny_model_dir, monkeypatch, nproc, nan_rank):
+@pytest.mark.parametrize("nproc", [2, 3])
+def test_matrix_matches_one_process(launch, tiny_model_dir, nproc):
     """Validation sets of 1, 2, 7, 8, 9 examples; eval_batch_size 1, 4, 8; early stopping on; in the
     eval_batch_size-4 run, one rank's micro-batch is NaN (step 2): every rank must skip that step."""
     import importlib.util
 
-    nan_k = nproc * 1 + nan_rank  # step 2's micro-batches are nproc..2*nproc-1; rank r takes nproc + r
-    runs, spec = [], []
-    for ebs in (1, 4, 8):
-        nan_at = nan_k if ebs == 4 else None
-        spec.append({"config": str(_cfg(tmp_path, tiny_model_dir, f"n{nproc}-e{ebs}", ga=1, eval_batch_size=ebs)),
-                     "nan_at": nan_at})
-        runs.append((ebs, nan_at))
-    r = _torchrun(nproc, spec, tmp_path)
-    assert r.returncode == 0, r.stderr[-4000:]
+    tmp, r, _ = launch(nproc)
+    for ebs in EBS:
+        assert _exits(tmp / f"n{nproc}-e{ebs}.yaml", nproc) == ["0"] * nproc, (ebs, r.stderr[-4000:])
+    if nproc != 2:  # the 2-process launch ends with the watchdog test's stuck run
+        assert r.returncode == 0, r.stderr[-4000:]
 
     probe = importlib.util.spec_from_file_location("dist_probe", PROBE)
     mod = importlib.util.module_from_spec(probe)
     probe.loader.exec_module(mod)
     from lorafit.training import loop
 
-    for ebs, nan_at in runs:  # one process, N-fold accumulation: the same global batch
+    for ebs in EBS:  # one process, N-fold accumulation: the same global batch
+        nan_at = _nan_at(nproc, ebs)
         mod.inject(nan_at, None)
         try:
-            loop.train(load_config(_cfg(tmp_path, tiny_model_dir, f"one-e{ebs}", ga=nproc, eval_batch_size=ebs)),
+            loop.train(load_config(_cfg(tmp, tiny_model_dir, f"one-e{ebs}", ga=nproc, eval_batch_size=ebs)),
                        progress=False)
         finally:
             mod.inject(None, None)
-        many, one = tmp_path / f"n{nproc}-e{ebs}", tmp_path / f"one-e{ebs}"
+        many, one = tmp / f"n{nproc}-e{ebs}", tmp / f"one-e{ebs}"
         _same_run(one, many)
         recs = [json.loads(ln) for ln in (many / "log.jsonl").read_text().splitlines()]
         assert recs[0]["world_size"] == nproc and recs[0]["global_batch_size"] == 2 * nproc
@@ -117,14 +156,14 @@ def test_matrix_matches_one_process(tmp_path, tiny_model_dir, monkeypatch, nproc
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_watchdog_names_the_phase_instead_of_hanging(tmp_path, tiny_model_dir):
-    cfg = _cfg(tmp_path, tiny_model_dir, "stuck", ga=1, dist_timeout=4)
-    t0 = time.monotonic()
-    r = _torchrun(2, [{"config": str(cfg), "hang_rank": 1}], tmp_path, timeout=240)
-    took = time.monotonic() - t0
+def test_watchdog_names_the_phase_instead_of_hanging(launch):
+    tmp, r, end = launch(2)
+    cfg = tmp / "stuck.yaml"
+    assert _exits(cfg, 2) == [None, None], r.stderr[-3000:]  # neither rank came back from the stuck run
+    took = end - float((tmp / "stuck.yaml.start-0").read_text())
     assert r.returncode != 0 and took < 120, (took, r.stderr[-3000:])
     assert "waited more than 4 s in evaluation of 'v1' at step 0 (dist_timeout)" in r.stderr, r.stderr[-3000:]
-    out = tmp_path / "stuck"
+    out = tmp / "stuck"
     assert not (out / "adapter").exists() and not (out / ".lock").exists()
 
 

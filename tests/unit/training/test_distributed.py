@@ -1,12 +1,19 @@
 """Two processes on CPU (gloo) through torchrun: the same code path as N GPUs with NCCL.
 
 DDP and FSDP2 (fully_shard on a CPU device mesh) both run here; checkpoints move between them.
+
+Each torchrun launch costs a process-group start-up (two workers importing torch, transformers and lorafit:
+~10 s on two cores). So the 2-process runs of the tests that compare with one process -- DDP, FSDP, DDP with
+fused kernels, and FSDP continuing a 1-process run -- are trained in one launch, in the same processes, by
+dist_probe.py (`two_process_runs`), and every 1-process run is `lorafit train` called in this process.
+`lorafit train --nproc 2` itself is what the kill test launches (and test_dist_matrix's error test).
 """
 import json
 import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +21,18 @@ import yaml
 from safetensors.torch import load_file
 
 from lorafit.demoset import write_demo_data
+
+PROBE = Path(__file__).with_name("dist_probe.py")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One torch thread in this process, as the OMP_NUM_THREADS=1 workers have: tiny models gain nothing
+    from two, and lose much when the cores are shared with the workers."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def _cfg(tmp_path, tiny_model_dir, name, **kw):
@@ -27,26 +46,63 @@ def _cfg(tmp_path, tiny_model_dir, name, **kw):
     return p
 
 
-def _run(args, nproc=None):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "lorafit", "train", *args, "--no-progress"] + ([f"--nproc={nproc}"] if nproc else [])
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+def _run(args):
+    """`lorafit train ARGS` in one process (this one)."""
+    from lorafit.cli import main
+
+    assert main(["train", *args, "--no-progress"]) == 0
+
+
+def _env():
+    # Without the Triton interpreter (conftest keeps it for tests/unit/kernels/ only; module-scoped fixtures
+    # run before its per-test fixture takes it away).
+    return {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, "OMP_NUM_THREADS": "1"}
+
+
+FSDP_KW = dict(eval_batch_size=5, early_stopping_patience=3, l2_penalty=0.01)  # test_fsdp_two_processes_match_one
+MOVE_KW = dict(max_steps=8, save_total_limit=10)  # test_checkpoints_move_between_fsdp_and_one_process
+
+
+@pytest.fixture(scope="module")
+def two_process_runs(tmp_path_factory, tiny_model_dir):
+    """One torchrun launch (2 processes) trains, in turn: `fsdp`; `mid` (FSDP, continuing the 1-process run
+    `ref` from its step-2 checkpoint); `two` (DDP); `fused-two` (DDP, fused kernels). Returns (folder, launch)."""
+    tmp = tmp_path_factory.mktemp("two-process")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("TRITON_INTERPRET", raising=False)
+        _run([str(_cfg(tmp, tiny_model_dir, "ref", **MOVE_KW))])
+    _continue_from(tmp / "ref", 2, tmp / "mid")
+    # FSDP first: it sets up the process group and its device mesh as `lorafit train --nproc 2` would (the
+    # DDP runs after it reuse them; DDP from a fresh start is the kill test's and test_dist_matrix's).
+    runs = [_cfg(tmp, tiny_model_dir, "fsdp", distributed="fsdp", gradient_accumulation_steps=1, **FSDP_KW),
+            _cfg(tmp, tiny_model_dir, "mid", distributed="fsdp", gradient_accumulation_steps=1, **MOVE_KW),
+            _cfg(tmp, tiny_model_dir, "two", gradient_accumulation_steps=1),  # per device: 2 x 1 x 2 = 4
+            _cfg(tmp, tiny_model_dir, "fused-two", fused_kernels=True, gradient_accumulation_steps=1)]
+    spec = tmp / "spec.json"
+    spec.write_text(json.dumps([{"config": str(c)} for c in runs]))
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(PROBE), str(spec)], capture_output=True, text=True, env=_env(), timeout=300)
+    return tmp, r
+
+
+def _launched(two_process_runs, run):
+    tmp, r = two_process_runs
     assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp / run / "adapter").is_dir(), r.stderr[-3000:]
+    return tmp / run
 
 
 @pytest.mark.slow
-def test_ddp_two_processes_match_one(tmp_path, tiny_model_dir):
-    one = _cfg(tmp_path, tiny_model_dir, "one")
-    two = _cfg(tmp_path, tiny_model_dir, "two", gradient_accumulation_steps=1)  # per device: 2 x 1 x 2 = 4
-    _run([str(one)])
-    _run([str(two)], nproc=2)
+def test_ddp_two_processes_match_one(tmp_path, tiny_model_dir, two_process_runs):
+    _run([str(_cfg(tmp_path, tiny_model_dir, "one"))])
+    two = _launched(two_process_runs, "two")
     wa = load_file(str(tmp_path / "one" / "adapter" / "adapter_model.safetensors"))
-    wb = load_file(str(tmp_path / "two" / "adapter" / "adapter_model.safetensors"))
+    wb = load_file(str(two / "adapter" / "adapter_model.safetensors"))
     assert wa.keys() == wb.keys()
     for k in wa:  # same global batch, data sharded without overlap: same update up to reduction order
         assert torch.allclose(wa[k], wb[k], atol=1e-5), k
     la = [json.loads(l) for l in (tmp_path / "one" / "log.jsonl").read_text().splitlines()]
-    lb = [json.loads(l) for l in (tmp_path / "two" / "log.jsonl").read_text().splitlines()]
+    lb = [json.loads(l) for l in (two / "log.jsonl").read_text().splitlines()]
     losses = lambda L: [(r["step"], round(r.get("loss", r.get("eval_loss")), 4)) for r in L if r["type"] in ("train", "eval")]
     assert losses(la) == losses(lb)  # only rank 0 writes: no duplicated records
     assert lb[0]["world_size"] == 2
@@ -62,9 +118,8 @@ def test_killed_two_process_run_resumes_on_one(tmp_path, tiny_model_dir):
 
     ref = _cfg(tmp_path, tiny_model_dir, "ref", max_steps=16)
     cut = _cfg(tmp_path, tiny_model_dir, "cut", max_steps=16, gradient_accumulation_steps=1)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     p = subprocess.Popen([sys.executable, "-m", "lorafit", "train", str(cut), "--no-progress", "--nproc=2"],
-                         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                         env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     manifest = tmp_path / "cut" / "checkpoints" / "step-2" / "manifest.json"
     deadline = time.time() + 240
     while not manifest.exists() and p.poll() is None and time.time() < deadline:
@@ -103,17 +158,14 @@ def _same_adapter(a, b, atol=1e-5):
 
 
 @pytest.mark.slow
-def test_fsdp_two_processes_match_one(tmp_path, tiny_model_dir):
+def test_fsdp_two_processes_match_one(tmp_path, tiny_model_dir, two_process_runs):
     # eval_batch_size 5 on 12 validation examples: rank 0 gets 2 batches, rank 1 one (plus a dummy,
     # since FSDP's forward is collective); early stopping on: the best adapter is gathered and saved;
     # l2_penalty: its gradient is added once to the reduced (sharded) grads.
-    kw = dict(eval_batch_size=5, early_stopping_patience=3, l2_penalty=0.01)
-    one = _cfg(tmp_path, tiny_model_dir, "one", **kw)
-    two = _cfg(tmp_path, tiny_model_dir, "fsdp", distributed="fsdp", gradient_accumulation_steps=1, **kw)
-    _run([str(one)])
-    _run([str(two)], nproc=2)
-    _same_adapter(tmp_path / "one", tmp_path / "fsdp")
-    (_, la), (rb, lb) = _losses(tmp_path / "one"), _losses(tmp_path / "fsdp")
+    _run([str(_cfg(tmp_path, tiny_model_dir, "one", **FSDP_KW))])
+    fsdp = _launched(two_process_runs, "fsdp")
+    _same_adapter(tmp_path / "one", fsdp)
+    (_, la), (rb, lb) = _losses(tmp_path / "one"), _losses(fsdp)
     assert [x[:2] for x in la] == [x[:2] for x in lb]
     for x, y in zip(la, lb):
         assert abs(x[2] - y[2]) <= 1e-5 * abs(x[2]), (x, y)
@@ -121,7 +173,7 @@ def test_fsdp_two_processes_match_one(tmp_path, tiny_model_dir):
     from peft import PeftModel  # the adapter is the ordinary PEFT format
 
     from lorafit.model import load_model
-    PeftModel.from_pretrained(load_model(tiny_model_dir, device="cpu"), str(tmp_path / "fsdp" / "adapter"))
+    PeftModel.from_pretrained(load_model(tiny_model_dir, device="cpu"), str(fsdp / "adapter"))
 
 
 def _continue_from(src, step, dst):
@@ -133,21 +185,19 @@ def _continue_from(src, step, dst):
 
 
 @pytest.mark.slow
-def test_checkpoints_move_between_fsdp_and_one_process(tmp_path, tiny_model_dir):
+def test_checkpoints_move_between_fsdp_and_one_process(tiny_model_dir, two_process_runs):
     """1 process -> FSDP on 2 -> 1 process again ends where an uninterrupted run ends."""
-    kw = dict(max_steps=8, save_total_limit=10)
-    ref = _cfg(tmp_path, tiny_model_dir, "ref", **kw)
-    _run([str(ref)])
-    _continue_from(tmp_path / "ref", 2, tmp_path / "mid")
-    _run([str(_cfg(tmp_path, tiny_model_dir, "mid", distributed="fsdp", gradient_accumulation_steps=1, **kw))], nproc=2)
-    _same_adapter(tmp_path / "ref", tmp_path / "mid")
-    _continue_from(tmp_path / "mid", 6, tmp_path / "end")  # step-6 written by the FSDP ranks
-    _run([str(_cfg(tmp_path, tiny_model_dir, "end", **kw))])
-    _same_adapter(tmp_path / "ref", tmp_path / "end")
-    for run in ("mid", "end"):
-        recs, losses = _losses(tmp_path / run)
+    mid = _launched(two_process_runs, "mid")  # `ref`'s step-2 checkpoint, continued by 2 FSDP processes
+    tmp = mid.parent  # where `ref` (1 process, uninterrupted) and the data of all three are
+    ref, end = tmp / "ref", tmp / "end"
+    _same_adapter(ref, mid)
+    _continue_from(mid, 6, end)  # step-6 written by the FSDP ranks
+    _run([str(_cfg(tmp, tiny_model_dir, "end", **MOVE_KW))])
+    _same_adapter(ref, end)
+    for run in (mid, end):
+        recs, losses = _losses(run)
         assert any(r.get("event") == "resume" for r in recs)
-        ref_losses = _losses(tmp_path / "ref")[1]
+        ref_losses = _losses(ref)[1]
         assert [x[:2] for x in losses] == [x[:2] for x in ref_losses]
         for x, y in zip(losses, ref_losses):
             assert abs(x[2] - y[2]) <= 1e-5 * abs(y[2]), (run, x, y)
@@ -204,15 +254,13 @@ def test_bench_dist_cpu_smoke(tmp_path):
 
 
 @pytest.mark.slow
-def test_ddp_with_fused_kernels_matches_one_process(tmp_path, tiny_model_dir):
+def test_ddp_with_fused_kernels_matches_one_process(tmp_path, tiny_model_dir, two_process_runs):
     # The fused loss runs the decoder itself; it must still go through DDP's forward, or the
     # gradients of the two processes are never averaged.
-    one = _cfg(tmp_path, tiny_model_dir, "one", fused_kernels=True)
-    two = _cfg(tmp_path, tiny_model_dir, "two", fused_kernels=True, gradient_accumulation_steps=1)
-    _run([str(one)])
-    _run([str(two)], nproc=2)
+    _run([str(_cfg(tmp_path, tiny_model_dir, "one", fused_kernels=True))])
+    two = _launched(two_process_runs, "fused-two")
     wa = load_file(str(tmp_path / "one" / "adapter" / "adapter_model.safetensors"))
-    wb = load_file(str(tmp_path / "two" / "adapter" / "adapter_model.safetensors"))
+    wb = load_file(str(two / "adapter" / "adapter_model.safetensors"))
     assert wa.keys() == wb.keys()
     for k in wa:
         assert torch.allclose(wa[k], wb[k], atol=1e-5), k
