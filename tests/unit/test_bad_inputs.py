@@ -301,9 +301,12 @@ def test_unreachable_hub_model(capsys, tmp_path, monkeypatch):
     import time
     import types
 
-    from huggingface_hub.utils import _http
-
-    monkeypatch.setattr(_http, "time", types.SimpleNamespace(**{**vars(time), "sleep": lambda s: None}))
+    try:  # a private module: where a huggingface_hub release moves it, the test just waits as before
+        from huggingface_hub.utils import _http
+    except ImportError:
+        _http = None
+    if _http is not None and hasattr(_http, "time"):
+        monkeypatch.setattr(_http, "time", types.SimpleNamespace(**{**vars(time), "sleep": lambda s: None}))
     msg = _train(capsys, BAD / "base.yaml", "--model=no-such-org/no-such-model", f"--output_dir={tmp_path / 'out'}")
     _check(msg, "no-such-org/no-such-model", None, "model", "cannot load")
     assert list(tmp_path.iterdir()) == []
