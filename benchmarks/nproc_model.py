@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import argparse
 import random
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
 
 ALPHA, BETA, OPT, ALLREDUCE = 5.1, 0.0546, 0.8, 0.6
 
