@@ -117,19 +117,16 @@ def all_reduce_sum(t: torch.Tensor) -> None:
         dist.all_reduce(t)
 
 
-def average_gradients(params: list[torch.Tensor], flat: torch.Tensor | None = None) -> None:
-    """Average the gradients over the ranks with one all-reduce of a flat buffer.
-
-    DDP does this with per-bucket hooks inside its own forward/backward; a step that runs outside
-    DDP's forward (a replayed CUDA graph) calls this between backward and the optimizer instead.
-    `flat`: a buffer the gradients are views of (the bucketed step's), reduced in place, with no copies.
+def sum_gradients(params: list[torch.Tensor], flat: torch.Tensor | None = None) -> None:
+    """Sum the gradients over the ranks with one all-reduce of a flat buffer: the mean, because the step
+    that calls this (the bucketed / CUDA-graph step, which DDP does not wrap) scales its loss by
+    1/denominator on every rank. Called between backward and the optimizer where `BackwardReduce` does
+    not run inside backward. `flat`: a buffer the gradients are views of, reduced in place, no copies.
     """
-    ws = world()[2]
-    if ws == 1:
+    if world()[2] == 1:
         return
     if flat is not None:
         dist.all_reduce(flat)
-        flat.div_(ws)
         return
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
@@ -138,7 +135,6 @@ def average_gradients(params: list[torch.Tensor], flat: torch.Tensor | None = No
 
     buf = _flatten_dense_tensors(grads)
     dist.all_reduce(buf)
-    buf.div_(ws)
     torch._foreach_copy_(grads, list(_unflatten_dense_tensors(buf, grads)))
 
 
@@ -150,8 +146,8 @@ class BackwardReduce:
     Chunks are runs of whole parameters in the buffer's order (~1/16 of it, at least `min_elems`), so the
     first layers' gradients, computed last, leave only a small tail after backward. Chunks are issued in
     descending order only (a chunk that completes early waits for the ones above it): every rank issues
-    the same collectives in the same order whatever order its hooks fire in. The buffer must be
-    pre-scaled so that the sum over ranks is the average (the trainer scales the loss by 1/denominator).
+    the same collectives in the same order whatever order its hooks fire in. A sum, like `sum_gradients`:
+    the trainer scales the loss by 1/denominator, so the sum over ranks is the mean.
     Only for steps with one micro-batch per rank: the reduction must see the finished gradient.
     """
 

@@ -234,10 +234,10 @@ class Trainer:
         mine = list(window)[rank::ws]
         if self.bucketed is not None:  # one-row micro-batches: balanced over the processes (Stream.window_examples)
             dealt = self.stream.window_examples(window, None if cfg.packing else self.bucketed.budget)[rank::ws]
-        # Gradients are averaged over the ranks by a sum (in backward) of losses scaled by 1/denominator, or by
-        # an all-reduce after the micro-batches of losses scaled by N/denominator, then divided by N.
+        # The gradient is the mean over the step's supervised tokens. DDP (the eager step) averages over the ranks,
+        # so there each rank scales by N/denominator; the bucketed step sums over the ranks (in backward or after).
         reducer = self.bucketed.reducer if self.bucketed is not None else None
-        scale = (1 if reducer is not None else ws) / max(denom, 1)
+        scale = (1 if self.bucketed is not None else ws) / max(denom, 1)
         local_loss = torch.zeros((), dtype=torch.float64, device=self.device)
         with self.watchdog.phase(f"training step {step + 1}"):
             for j, k in enumerate(mine):
@@ -256,7 +256,7 @@ class Trainer:
             if reducer is not None and not mine:
                 reducer.idle()  # no micro-batch here this step: join the in-backward collectives with zeros
             elif self.bucketed is not None and reducer is None and ws > 1:
-                dist.average_gradients(self.params, self.bucketed.flat_grad)  # what DDP's hooks do on the eager path
+                dist.sum_gradients(self.params, self.bucketed.flat_grad)  # what DDP's hooks do on the eager path
             if cfg.l2_penalty:
                 # Classic L2, a penalty l2_penalty * sum(w^2) in the loss (unlike AdamW's decoupled decay),
                 # applied as that term's gradient, once, to the reduced gradients (or their FSDP shards):

@@ -1,6 +1,7 @@
-"""The gradient all-reduce inside backward (`dist.BackwardReduce`), which the bucketed / CUDA-graph step
-uses under several processes with one micro-batch per process a step: every rank ends with the mean,
-whatever order its hooks fire in, and a rank without a micro-batch joins with zeros (no hang)."""
+"""The bucketed / CUDA-graph step's gradient reduction over several processes (DDP does not wrap it): inside
+backward (`dist.BackwardReduce`) with one micro-batch per process a step, else after it (`dist.sum_gradients`).
+Every rank ends with the sum of its pre-scaled gradients (the mean), whatever order its hooks fire in, and a
+rank without a micro-batch joins with zeros. Every multi-process run here is under a timeout."""
 import os
 import subprocess
 import sys
@@ -11,6 +12,46 @@ import yaml
 from safetensors.torch import load_file
 
 from lorafit.demoset import write_demo_data
+
+
+def _spawn(fn, args, nprocs=2, timeout=120):
+    """torch.multiprocessing.spawn under a deadline: a hung collective fails the test instead of CI."""
+    import time
+
+    import torch.multiprocessing as mp
+
+    ctx = mp.spawn(fn, args=args, nprocs=nprocs, join=False)
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"{fn.__name__}: the {nprocs} processes did not finish within {timeout} s")
+
+
+def _sum_worker(rank, world, init_file, out):
+    import torch.distributed as tdist
+
+    from lorafit.training import dist as D
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    tdist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    params = [torch.nn.Parameter(torch.zeros(3, 2)), torch.nn.Parameter(torch.zeros(5)), torch.nn.Parameter(torch.zeros(1))]
+    for k, p in enumerate(params[:2]):  # the third has no gradient: skipped, not an error
+        p.grad = torch.full_like(p, float(rank + 1) * (k + 1))
+    D.sum_gradients(params)
+    flat = torch.full((4,), float(rank + 1))  # the bucketed step's case: gradients are views of one buffer
+    D.sum_gradients([], flat)
+    torch.save([None if p.grad is None else p.grad for p in params] + [flat], f"{out}-{rank}.pt")
+    tdist.destroy_process_group()
+
+
+def test_sum_gradients_is_the_sum_over_ranks(tmp_path):
+    _spawn(_sum_worker, (2, str(tmp_path / "init"), str(tmp_path / "g")))
+    for rank in range(2):
+        g = torch.load(tmp_path / f"g-{rank}.pt")
+        assert torch.equal(g[0], torch.full((3, 2), 3.0)) and torch.equal(g[1], torch.full((5,), 6.0))
+        assert g[2] is None and torch.equal(g[3], torch.full((4,), 3.0))
 
 
 def _reduce_worker(rank, world, init_file, out):
@@ -46,9 +87,7 @@ def _reduce_worker(rank, world, init_file, out):
 
 
 def test_backward_reduce_gives_every_rank_the_mean(tmp_path):
-    import torch.multiprocessing as mp
-
-    mp.spawn(_reduce_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "g")), nprocs=2, join=True)
+    _spawn(_reduce_worker, (2, str(tmp_path / "init"), str(tmp_path / "g")))
     r0, r1 = (torch.load(tmp_path / f"g-{r}.pt") for r in range(2))
     torch.manual_seed(0)
     layers = torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(6)])

@@ -264,29 +264,3 @@ def test_ddp_with_fused_kernels_matches_one_process(tmp_path, tiny_model_dir, tw
     assert wa.keys() == wb.keys()
     for k in wa:
         assert torch.allclose(wa[k], wb[k], atol=1e-5), k
-
-
-def _average_worker(rank, world, init_file, out):
-    import torch.distributed as tdist
-
-    from lorafit.training import dist as D
-
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    tdist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    params = [torch.nn.Parameter(torch.zeros(3, 2)), torch.nn.Parameter(torch.zeros(5)), torch.nn.Parameter(torch.zeros(1))]
-    for k, p in enumerate(params[:2]):  # the third has no gradient: skipped, not an error
-        p.grad = torch.full_like(p, float(rank + 1) * (k + 1))
-    D.average_gradients(params)
-    torch.save([None if p.grad is None else p.grad for p in params], f"{out}-{rank}.pt")
-    tdist.destroy_process_group()
-
-
-def test_average_gradients_is_the_mean_over_ranks(tmp_path):
-    # What a replayed CUDA-graph step calls in place of DDP's reduction: one flat all-reduce.
-    import torch.multiprocessing as mp
-
-    mp.spawn(_average_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "g")), nprocs=2, join=True)
-    for rank in range(2):
-        g = torch.load(tmp_path / f"g-{rank}.pt")
-        assert torch.equal(g[0], torch.full((3, 2), 1.5)) and torch.equal(g[1], torch.full((5,), 3.0))
-        assert g[2] is None
