@@ -123,8 +123,9 @@ from lorafit.training import dist, graphstep
 
 real, calls = graphstep.BucketedStep._forward_backward, {"n": 0}
 
-def nan_at_micro_batch_3(self, batch):  # the run's micro-batch k = call x world size + rank (one per process)
-    k = calls["n"] * dist.world()[2] + dist.world()[0]
+def nan_at_micro_batch_3(self, batch):  # the run's micro-batch k; rank r runs window[r::N], G of them a step
+    rank, ws, g, c = dist.world()[0], dist.world()[2], int(sys.argv[2]), calls["n"]
+    k = (c // g) * g * ws + ws * (c % g) + rank
     calls["n"] += 1
     if k != 3:
         return real(self, batch)
@@ -135,29 +136,32 @@ def nan_at_micro_batch_3(self, batch):  # the run's micro-batch k = call x world
         self.loss_fn = keep
 
 graphstep.BucketedStep._forward_backward = nan_at_micro_batch_3
-sys.exit(main(["train", sys.argv[1], "--no-progress"]))
+sys.exit(main(["train", sys.argv[1], "--no-progress"]))  # argv[2]: gradient_accumulation_steps
 """
 
 
 @pytest.mark.slow
-def test_bucketed_step_on_two_processes_matches_one(tmp_path, tiny_model_dir):
-    """cuda_graph on CPU: the bucketed step without capture, its all-reduce inside backward under 2 processes.
-    Micro-batch 3 (step 2, rank 1's) has a NaN loss: both processes must skip that step, as one process does."""
+@pytest.mark.parametrize("ga_two,skipped", [(1, 2), (2, 1)], ids=["in-backward", "after-backward"])
+def test_bucketed_step_on_two_processes_matches_one(tmp_path, tiny_model_dir, ga_two, skipped):
+    """cuda_graph on CPU: the bucketed step without capture on 2 processes against 1 process at the same global
+    batch. One micro-batch per process a step: the all-reduce runs inside backward; two: after it
+    (`sum_gradients`). Micro-batch 3 (rank 1's) has a NaN loss: both processes skip its step, as one does."""
     import json
 
     probe = tmp_path / "probe.py"
     probe.write_text(PROBE)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for name, extra, nproc in (("one", {}, 1), ("two", {"gradient_accumulation_steps": 1}, 2)):
-        cfg = _cfg(tmp_path, tiny_model_dir, name, **extra)
-        cmd = [sys.executable, str(probe), str(cfg)] if nproc == 1 else \
-            [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(probe), str(cfg)]
+    for name, ga, nproc in (("one", 2 * ga_two, 1), ("two", ga_two, 2)):
+        cfg = _cfg(tmp_path, tiny_model_dir, name, gradient_accumulation_steps=ga)
+        cmd = [sys.executable, str(probe), str(cfg), str(ga)] if nproc == 1 else \
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(probe),
+             str(cfg), str(ga)]
         r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
         assert r.returncode == 0, r.stderr[-3000:]
     recs = {n: [json.loads(ln) for ln in (tmp_path / n / "log.jsonl").read_text().splitlines()] for n in ("one", "two")}
     assert recs["two"][0]["step_kind"] == "bucketed" and recs["two"][0]["world_size"] == 2
     for n in ("one", "two"):
-        assert [r["step"] for r in recs[n] if r.get("event") == "nonfinite_skip"] == [2], n
+        assert [r["step"] for r in recs[n] if r.get("event") == "nonfinite_skip"] == [skipped], n
     losses = lambda L: [(r["step"], round(r["loss"], 5)) for r in L if r["type"] == "train"]  # noqa: E731
     assert losses(recs["one"]) == losses(recs["two"])
     wa = load_file(str(tmp_path / "one" / "adapter" / "adapter_model.safetensors"))
