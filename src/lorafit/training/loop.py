@@ -265,8 +265,7 @@ class Trainer:
                     with_grad = [p for p in self.params if p.grad is not None]
                     torch._foreach_add_([p.grad for p in with_grad], [p.detach() for p in with_grad],
                                         alpha=2 * cfg.l2_penalty)
-            norm = dist.full_tensor(torch.nn.utils.clip_grad_norm_(
-                self.params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))).detach()
+            norm = self._clip()
             # One all-reduce carries the loss, every rank's verdict on its gradient norm and the norm itself
             # (the same on every rank), so a NaN on one rank only sends every rank down the same branch.
             packed = torch.stack([local_loss, (~torch.isfinite(norm)).to(torch.float64),
@@ -278,13 +277,41 @@ class Trainer:
             bad = ((packed[1] > 0) | ~torch.isfinite(packed[0])).to(torch.float32)
             self.opt.found_inf = bad  # the fused AdamW leaves parameters, moments and step count alone when set
             self.opt.step()
-            self.opt.zero_grad(set_to_none=self.bucketed is None)
+            self._zero_grad()
             if packed.is_cuda:  # read back through pinned memory after an event, not by waiting for the stream
                 host = self._host[step % 2]
                 host.copy_(packed, non_blocking=True)
                 pending.values, pending.event = host, torch.cuda.Event()
                 pending.event.record()
         return pending
+
+    def _clip(self) -> torch.Tensor:
+        """The reduced gradient's norm (a device scalar, the same on every rank), gradients clipped to
+        `max_grad_norm`. On the bucketed step's flat buffer: one norm kernel, and with the fused AdamW the
+        clipping rides in the optimizer's own kernel (`grad_scale`: gradients divided by max(1, norm / max))
+        instead of a pass of its own over the gradients; elsewhere `clip_grad_norm_`."""
+        cfg = self.cfg
+        flat = self.bucketed.flat_grad if self.bucketed is not None else None
+        if flat is None:
+            return dist.full_tensor(torch.nn.utils.clip_grad_norm_(
+                self.params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))).detach()
+        norm = torch.linalg.vector_norm(flat)
+        if cfg.max_grad_norm > 0:
+            # clip_grad_norm_'s rule: scale by min(1, max / (norm + 1e-6))
+            divisor = ((norm + 1e-6) / cfg.max_grad_norm).clamp_(min=1.0)
+            if self.pipelined:  # the fused AdamW divides the gradients by it as it reads them
+                self.opt.grad_scale = divisor
+            else:
+                flat.div_(divisor)
+        return norm
+
+    def _zero_grad(self) -> None:
+        """A replayed graph accumulates into the gradient buffers it was captured with: zero them (one
+        kernel over the flat buffer), never free them. Other steps free them, as HF Trainer does."""
+        if self.bucketed is not None and self.bucketed.flat_grad is not None:
+            self.bucketed.flat_grad.zero_()
+        else:
+            self.opt.zero_grad(set_to_none=self.bucketed is None)
 
     def resolve(self, p: "PendingStep") -> tuple[float, float, float, int] | None:
         """Read a launched step's outcome: (mean loss, grad norm, lr, real tokens), or None when it was
@@ -301,8 +328,7 @@ class Trainer:
         if not self.pipelined:
             if ok:
                 self.opt.step()
-            # A replayed graph accumulates into the gradient buffers it was captured with: zero them, never free them.
-            self.opt.zero_grad(set_to_none=self.bucketed is None)
+            self._zero_grad()
         if not ok:
             self._nonfinite(p.step, step_loss, gnorm)
             return None

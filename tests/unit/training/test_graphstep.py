@@ -70,6 +70,28 @@ def test_bucketed_step_trains_like_the_eager_fused_step(tmp_path, tiny_model_dir
         assert torch.allclose(we[k], wf[k], atol=1e-5, rtol=1e-3), k
 
 
+@pytest.mark.parametrize("pipe", [False, True], ids=["sync", "pipelined"])
+def test_bucketed_step_clips_like_clip_grad_norm(tmp_path, tiny_model_dir, monkeypatch, pipe):
+    """Clipping on the flat buffer (divided in place, or by the fused AdamW's grad_scale when pipelined)
+    equals clip_grad_norm_ on the eager step; max_grad_norm far below every step's norm, so every step clips."""
+    monkeypatch.setattr(loop, "PIPELINE", pipe)
+    kw = dict(lora_dropout=0.0, max_grad_norm=1e-3, val_data={})
+    eager = loop.train(_cfg(tmp_path, tiny_model_dir, "eager", cuda_graph=False, **kw), progress=False)
+    fast = loop.train(_cfg(tmp_path, tiny_model_dir, "fast", cuda_graph=True, **kw), progress=False)
+    free = loop.train(_cfg(tmp_path, tiny_model_dir, "free", cuda_graph=True, **{**kw, "max_grad_norm": 0.0}),
+                      progress=False)
+    le, lf = _log(eager.run_dir), _log(fast.run_dir)
+    train = lambda L: [r for r in L if r["type"] == "train"]  # noqa: E731
+    assert all(r["grad_norm"] > 100 * 1e-3 for r in train(le))
+    for a, b in zip(train(le), train(lf), strict=True):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(a["loss"]), (a, b)
+        assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-4 * a["grad_norm"], (a, b)
+    we, wf, wn = _adapter(eager.run_dir), _adapter(fast.run_dir), _adapter(free.run_dir)
+    for k in we:
+        assert torch.allclose(we[k], wf[k], atol=1e-6, rtol=1e-4), k
+    assert any(not torch.allclose(wf[k], wn[k], atol=1e-6, rtol=1e-4) for k in wf)  # clipping did something
+
+
 def test_bucketed_step_skips_a_nonfinite_step(tmp_path, tiny_model_dir, monkeypatch, pipelined):
     from lorafit.training import graphstep
 
