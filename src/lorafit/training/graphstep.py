@@ -82,7 +82,7 @@ class BucketedStep:
                  device: torch.device, capture: bool, warmup: int = 2, seed: Any = None,
                  reduce_in_backward: bool = False) -> None:
         from ..kernels import causal_lm_loss
-        from .dist import BackwardReduce
+        from .dist import BackwardReduce, gradient_group
 
         self.model, self.params, self.budget, self.pad_id, self.device = model, params, budget, pad_id, device
         self.capture, self.warmup, self.loss_fn, self.seed = capture, warmup, causal_lm_loss, seed
@@ -93,7 +93,7 @@ class BucketedStep:
         self.flat_grad = _flat_grads(params, device)
         # Several processes, one micro-batch each per step: the gradient all-reduce runs inside backward (and
         # inside the captured graph), chunk by chunk; the caller scales the loss so that the sum is the mean.
-        self.reducer = BackwardReduce(params, self.flat_grad) \
+        self.reducer = BackwardReduce(params, self.flat_grad, group=gradient_group(device)) \
             if reduce_in_backward and self.flat_grad is not None else None
         self._warming = False
 

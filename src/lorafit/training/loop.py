@@ -34,6 +34,7 @@ from ..rundir import FolderLock, check_output_dir, finished
 from .runlog import JsonlLog
 from .schedule import lr_at
 from .graphstep import BucketedStep
+from .optim import FlatAdamW
 from .plan import _check_seeded_dropout_size, make_plan, resolve_fused, step_kind, varlen_ready
 from .state import LoopState, PendingStep, TrainResult
 from .step import FusedLoss, evaluate_loss, loss_sum  # loss_sum: looked up here per micro-batch (tests patch it)
@@ -143,9 +144,11 @@ class Trainer:
         # is fixed per optimizer step, so it weighs most where each process has little work (several GPUs).
         fused = device.type == "cuda" and not self.sharded
         self.pipelined = fused if PIPELINE is None else (PIPELINE and not self.sharded)
-        self.opt = torch.optim.AdamW(self.params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                     eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
-                                     fused=(fused or self.pipelined) or None)
+        hyper = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
+                     weight_decay=cfg.weight_decay, fused=(fused or self.pipelined) or None)
+        flat = self.bucketed.flat_grad if self.bucketed is not None else None
+        # The bucketed step's adapter is one flat buffer (gradients and, here, parameters): one AdamW tensor.
+        self.opt = FlatAdamW(self.params, flat, **hyper) if flat is not None else torch.optim.AdamW(self.params, **hyper)
         self._host = [torch.zeros(3, dtype=torch.float64, pin_memory=device.type == "cuda") for _ in range(2)]
 
     # --- resume or start
