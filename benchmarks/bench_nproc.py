@@ -97,6 +97,7 @@ def run(data: Path, out: Path, steps: int, model_dir: Path) -> None:
     import transformers
 
     shutil.rmtree("/tmp/nproc", ignore_errors=True)  # a finished run there would be taken as done
+    out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     build_model(model_dir)
     built = time.perf_counter() - t0
