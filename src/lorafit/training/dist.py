@@ -138,10 +138,11 @@ def sum_gradients(params: list[torch.Tensor], flat: torch.Tensor | None = None) 
     torch._foreach_copy_(grads, list(_unflatten_dense_tensors(buf, grads)))
 
 
-# SMs (CTAs) the all-reduce inside backward may take from backward's own kernels. It overlaps the GEMMs of
-# the layers still in backward, and every CTA it holds (spinning, on the rank that is ahead) is an SM those
-# GEMMs lose: on 2 H200s, 8 instead of NCCL's default shortened a `--nproc 2` step by ~1%
-# (docs/distributed.md). Megatron gives its overlapped gradient reduction a communicator of its own in the same way.
+# SMs (CTAs) the all-reduce inside backward may take from backward's own kernels: it overlaps the GEMMs of
+# the layers still in backward, and every CTA it holds is an SM those GEMMs lose. On 2 H200s 8 measured
+# best of 2, 4, 8, 16 and NCCL's own choice (1.891x and 1.896x against 1.882-1.887x; 2 CTAs 1.864x), a
+# margin within the run-to-run spread except against 2 (docs/distributed.md). Megatron gives its overlapped
+# gradient reduction a communicator of its own in the same way.
 GRADIENT_REDUCE_CTAS = 8
 _GRADIENT_GROUP: Any = None
 
