@@ -169,8 +169,8 @@ class BackwardReduce:
     accumulated its last gradient: DDP's bucket hooks, for a step DDP does not wrap (a replayed CUDA graph,
     where the collectives are captured with the rest of the step and overlap the layers still in backward).
 
-    Chunks are runs of whole parameters in the buffer's order (~1/16 of it, at least `min_elems`; the
-    first ones smaller), so the first layers' gradients, computed last, leave only a small tail after backward. Chunks are issued in
+    Chunks are runs of whole parameters in the buffer's order (~1/16 of it, at least `min_elems`), so the
+    first layers' gradients, computed last, leave only a small tail after backward. Chunks are issued in
     descending order only (a chunk that completes early waits for the ones above it): every rank issues
     the same collectives in the same order whatever order its hooks fire in. A sum, like `sum_gradients`:
     the trainer scales the loss by 1/denominator, so the sum over ranks is the mean.
@@ -181,10 +181,6 @@ class BackwardReduce:
                  group: Any = None) -> None:
         self.flat, self.group = flat, group
         target = max(min_elems, flat.numel() // 16)
-        # The chunk issued last (the buffer's start: the first layers, whose gradients backward computes
-        # last) is what stays exposed after backward, so chunk sizes grow from ~1/128 of the buffer,
-        # doubling, up to the steady ~1/16.
-        limit = max(min(target, flat.numel() // 128), 1)
         self.chunks: list[tuple[int, int, int]] = []  # (start, end, parameters)
         self._chunk_of: dict[int, int] = {}
         start = offset = count = 0
@@ -192,9 +188,9 @@ class BackwardReduce:
             self._chunk_of[id(p)] = len(self.chunks)
             offset += p.numel()
             count += 1
-            if offset - start >= limit or p is params[-1]:
+            if offset - start >= target or p is params[-1]:
                 self.chunks.append((start, offset, count))
-                start, count, limit = offset, 0, min(target, 2 * limit)
+                start, count = offset, 0
         self.armed = False
         self._left: list[int] = []
         self._next = -1
