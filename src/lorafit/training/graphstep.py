@@ -37,6 +37,7 @@ from typing import Any, Sequence
 import torch
 
 from ..data.packing import IGNORE_INDEX, pack_batch
+from .optim import flat_grads
 
 BUCKET = 128  # on an H200, 64 measured the same and 32 3% faster with twice the graphs (docs/speed.md)
 SEGMENTS = 8  # boundary lists are padded to a multiple of this many examples
@@ -90,7 +91,7 @@ class BucketedStep:
         self.one = torch.ones((), dtype=torch.float32, device=device)  # a summed loss; a device tensor: no copy in capture
         self.graphs: dict[tuple[int, ...], tuple[Any, dict[str, Any], torch.Tensor]] = {}
         self.pool = torch.cuda.graph_pool_handle() if capture else None
-        self.flat_grad = _flat_grads(params, device)
+        self.flat_grad = flat_grads(params)
         # Several processes, one micro-batch each per step: the gradient all-reduce runs inside backward (and
         # inside the captured graph), chunk by chunk; the caller scales the loss so that the sum is the mean.
         self.reducer = BackwardReduce(params, self.flat_grad, group=gradient_group(device)) \
@@ -172,22 +173,3 @@ class BucketedStep:
             out["reserved_gib"] = round(torch.cuda.memory_reserved(self.device) / 2 ** 30, 3)
             out["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated(self.device) / 2 ** 30, 3)
         return out
-
-
-def _flat_grads(params: list[torch.Tensor], device: torch.device) -> torch.Tensor | None:
-    """Give every parameter a gradient that is a view of one flat buffer (returned), keeping any values
-    already there; None (separate buffers) when the parameters do not share a dtype and device."""
-    if not params or len({(p.dtype, p.device) for p in params}) > 1:
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        return None
-    flat = torch.zeros(sum(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device)
-    offset = 0
-    for p in params:
-        view = flat[offset:offset + p.numel()].view_as(p)
-        if p.grad is not None:
-            view.copy_(p.grad)
-        p.grad = view
-        offset += p.numel()
-    return flat

@@ -129,9 +129,11 @@ class Trainer:
                     dist.broadcast_params(params)
             budget = max(cfg.pack_tokens or cfg.batch_size * cfg.max_length, cfg.max_length) if cfg.packing \
                 else cfg.batch_size * cfg.max_length
-            self.bucketed = BucketedStep(model, params, budget=budget, pad_id=self.tok.pad_token_id, device=device,
-                                         capture=self.step_kind == "cuda_graph", seed=self.dropout_seed,
-                                         reduce_in_backward=ws > 1 and self.plan.micro_batches_per_step <= ws)
+            # Under several processes this connects the gradient all-reduce's communicator: a collective.
+            with self.watchdog.phase("setup (connecting the gradient all-reduce)"):
+                self.bucketed = BucketedStep(model, params, budget=budget, pad_id=self.tok.pad_token_id, device=device,
+                                             capture=self.step_kind == "cuda_graph", seed=self.dropout_seed,
+                                             reduce_in_backward=ws > 1 and self.plan.micro_batches_per_step <= ws)
             self.model = model
         else:
             if self.fused:
@@ -302,7 +304,7 @@ class Trainer:
         if cfg.max_grad_norm > 0:
             # clip_grad_norm_'s rule: scale by min(1, max / (norm + 1e-6))
             divisor = ((norm + 1e-6) / cfg.max_grad_norm).clamp_(min=1.0)
-            if self.pipelined:  # the fused AdamW divides the gradients by it as it reads them
+            if self.opt.defaults.get("fused"):  # the fused AdamW divides the gradients by it as it reads them
                 self.opt.grad_scale = divisor
             else:
                 flat.div_(divisor)

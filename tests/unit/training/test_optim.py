@@ -7,8 +7,7 @@ import io
 import pytest
 import torch
 
-from lorafit.training.graphstep import _flat_grads
-from lorafit.training.optim import FlatAdamW
+from lorafit.training.optim import FlatAdamW, flat_grads
 
 SHAPES = [(4, 16), (24, 4), (4, 16), (8, 4)]
 
@@ -45,7 +44,7 @@ def test_flat_adamw_updates_and_checkpoints_like_adamw(fused):
         p.grad = torch.zeros_like(p)
     ref_opt = torch.optim.AdamW(ref, **kw)
     mine = _params()
-    flat_grad = _flat_grads(mine, torch.device("cpu"))
+    flat_grad = flat_grads(mine)
     opt = FlatAdamW(mine, flat_grad, **kw)
     assert all(p.data_ptr() == opt.flat[o:].data_ptr() for p, o in zip(mine, (0, 64, 160, 224)))
     _run(ref_opt, ref, 3)
@@ -65,7 +64,7 @@ def test_flat_adamw_updates_and_checkpoints_like_adamw(fused):
     with torch.no_grad():
         for p, src in zip(resumed, mine):
             p.copy_(src)
-    FlatAdamW_from_ref = FlatAdamW(resumed, _flat_grads(resumed, torch.device("cpu")), **kw)
+    FlatAdamW_from_ref = FlatAdamW(resumed, flat_grads(resumed), **kw)
     FlatAdamW_from_ref.load_state_dict(ref_sd)  # a per-tensor AdamW checkpoint resumes on the flat one
     plain = [torch.nn.Parameter(p.detach().clone()) for p in mine]
     for p in plain:
@@ -83,11 +82,11 @@ def test_flat_adamw_updates_and_checkpoints_like_adamw(fused):
 
 def test_flat_adamw_refuses_gradients_that_are_not_its_buffer():
     params = _params()
-    grad = _flat_grads(params, torch.device("cpu"))
+    grad = flat_grads(params)
     with pytest.raises(ValueError, match="views of"):
         FlatAdamW(list(reversed(params)), grad, lr=1e-3)
     with pytest.raises(ValueError, match="flat gradient"):
         FlatAdamW(_params(), torch.zeros(3), lr=1e-3)
-    opt = FlatAdamW(_params(), _flat_grads(_params(), torch.device("cpu")), lr=1e-3)
+    opt = FlatAdamW(_params(), flat_grads(_params()), lr=1e-3)
     with pytest.raises(ValueError, match="this run trains 4"):
         opt.load_state_dict({"state": {}, "param_groups": [{"params": [0, 1]}]})
