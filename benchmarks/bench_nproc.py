@@ -21,6 +21,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -61,22 +62,22 @@ def build_model(dst: Path) -> None:
     torch.cuda.empty_cache()
 
 
-TIMEOUT: float | None = None  # seconds a training command may take (--timeout)
-
-
-def train(name: str, cfg: dict, out: Path, nproc: int) -> dict:
+def train(name: str, cfg: dict, out: Path, nproc: int, timeout: float | None) -> dict:
     path = out / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     cmd = [sys.executable, "-m", "lorafit", "train", str(path), "--no-progress"] + (["--nproc", str(nproc)] if nproc > 1 else [])
     t0 = time.perf_counter()
     # stderr goes to a file as it comes (a hung run leaves its log behind); a run past --timeout is killed
+    # with its whole process group (torchrun's workers included)
     err = out / f"{name}.stderr"
     with err.open("w") as fh:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=fh, start_new_session=True,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
         try:
-            r = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=fh, text=True, timeout=TIMEOUT,
-                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
-            code = r.returncode
+            code: int | str = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
             code = "timeout"
     wall = time.perf_counter() - t0
     run = Path(cfg["output_dir"])
@@ -91,7 +92,7 @@ def train(name: str, cfg: dict, out: Path, nproc: int) -> dict:
             "tokens_per_s_median": statistics.median(tps) if tps else None}
 
 
-def run(data: Path, out: Path, steps: int, model_dir: Path) -> None:
+def run(data: Path, out: Path, steps: int, model_dir: Path, timeout: float | None) -> None:
     import peft
     import torch
     import transformers
@@ -104,8 +105,8 @@ def run(data: Path, out: Path, steps: int, model_dir: Path) -> None:
     base = {"model": str(model_dir), "data": [str((data / "train.json").resolve())],
             "val_data": {"bitext": str((data / "val.json").resolve())}, "max_steps": steps, "eval_steps": steps // 3,
             "logging_steps": 5, "save_steps": steps, "seed": 0, "device": "cuda", "eval_batch_size": 8}
-    one = train("one-gpu", {**base, "gradient_accumulation_steps": 2, "output_dir": "/tmp/nproc/one"}, out, 1)
-    two = train("two-gpus", {**base, "gradient_accumulation_steps": 1, "output_dir": "/tmp/nproc/two"}, out, 2)
+    one = train("one-gpu", {**base, "gradient_accumulation_steps": 2, "output_dir": "/tmp/nproc/one"}, out, 1, timeout)
+    two = train("two-gpus", {**base, "gradient_accumulation_steps": 1, "output_dir": "/tmp/nproc/two"}, out, 2, timeout)
     rel = [abs(a[1] - b[1]) / abs(a[1]) for a, b in zip(one["train"], two["train"])]
     erel = [abs(a[2] - b[2]) / abs(a[2]) for a, b in zip(one["eval"], two["eval"])]
     res = {"what": "lorafit train --nproc 2 vs 1 GPU at the same global batch (4), Llama-3-8B shape (random bf16 weights), "
@@ -136,12 +137,10 @@ def main() -> int:
     r.add_argument("--model-dir", default="/tmp/llama3-8b-shape")
     r.add_argument("--timeout", type=float, default=None, help="seconds each training command may take")
     a = ap.parse_args()
-    global TIMEOUT
-    TIMEOUT = getattr(a, "timeout", None)
     if a.cmd == "prepare":
         prepare(Path(a.shared), Path(a.out), a.train, a.val)
     else:
-        run(Path(a.data), Path(a.out), a.steps, Path(a.model_dir))
+        run(Path(a.data), Path(a.out), a.steps, Path(a.model_dir), a.timeout)
     return 0
 
 
