@@ -92,7 +92,7 @@ def train(name: str, cfg: dict, out: Path, nproc: int, timeout: float | None) ->
             "tokens_per_s_median": statistics.median(tps) if tps else None}
 
 
-def run(data: Path, out: Path, steps: int, model_dir: Path, timeout: float | None) -> None:
+def run(data: Path, out: Path, steps: int, model_dir: Path, timeout: float | None, overrides: dict | None = None) -> None:
     import peft
     import torch
     import transformers
@@ -104,7 +104,7 @@ def run(data: Path, out: Path, steps: int, model_dir: Path, timeout: float | Non
     built = time.perf_counter() - t0
     base = {"model": str(model_dir), "data": [str((data / "train.json").resolve())],
             "val_data": {"bitext": str((data / "val.json").resolve())}, "max_steps": steps, "eval_steps": steps // 3,
-            "logging_steps": 5, "save_steps": steps, "seed": 0, "device": "cuda", "eval_batch_size": 8}
+            "logging_steps": 5, "save_steps": steps, "seed": 0, "device": "cuda", "eval_batch_size": 8, **(overrides or {})}
     one = train("one-gpu", {**base, "gradient_accumulation_steps": 2, "output_dir": "/tmp/nproc/one"}, out, 1, timeout)
     two = train("two-gpus", {**base, "gradient_accumulation_steps": 1, "output_dir": "/tmp/nproc/two"}, out, 2, timeout)
     rel = [abs(a[1] - b[1]) / abs(a[1]) for a, b in zip(one["train"], two["train"])]
@@ -136,11 +136,14 @@ def main() -> int:
     r.add_argument("--steps", type=int, default=60)
     r.add_argument("--model-dir", default="/tmp/llama3-8b-shape")
     r.add_argument("--timeout", type=float, default=None, help="seconds each training command may take")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config key for both runs (a YAML value), e.g. balance_steps=1")
     a = ap.parse_args()
     if a.cmd == "prepare":
         prepare(Path(a.shared), Path(a.out), a.train, a.val)
     else:
-        run(Path(a.data), Path(a.out), a.steps, Path(a.model_dir), a.timeout)
+        run(Path(a.data), Path(a.out), a.steps, Path(a.model_dir), a.timeout,
+            {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in a.set)})
     return 0
 
 

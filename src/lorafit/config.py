@@ -76,6 +76,11 @@ class TrainConfig:
     batch_size: int = _f(2, "Examples per device per micro-batch (as in HF Trainer and LLaMA-Factory): the global batch "
                          "is batch_size x gradient_accumulation_steps x number of processes.")
     gradient_accumulation_steps: int = _f(1, "Micro-batches per device per optimizer step.")
+    balance_steps: int = _f(8, "With several micro-batches a step (gradient accumulation or several processes; not with "
+                            "packing): the examples of this many consecutive optimizer steps are dealt into micro-batches "
+                            "of near-equal tokens, at most batch_size examples each, so processes finish their share of a "
+                            "step together. Changes which examples share a step, never how often one is seen an epoch; "
+                            "0: the shuffle's micro-batches as they are (docs/distributed.md).")
     lr_scheduler: str = _f("cosine", f"Decay after warmup: one of {SCHEDULERS} (inverse_sqrt is the Transformer paper's).")
     min_lr_ratio: float = _f(0.0, "Floor of the decay as a share of the peak LR (cosine/linear).")
     warmup_ratio: float = _f(0.1, "Warmup as a share of total steps (combined with warmup_steps by taking the larger).")
@@ -224,6 +229,7 @@ RANGES: dict[str, str] = {
     "augment_copies": "[1, inf)", "lora_rank": f"[1, {LORA_RANK_MAX}]", "lora_alpha": "(0, inf)",
     "lora_dropout": "[0, 1)", "num_epochs": "(0, 1000000]", "max_steps": "[1, inf)", "learning_rate": "(0, inf)",
     "batch_size": "[1, inf)", "gradient_accumulation_steps": "[1, inf)", "min_lr_ratio": "[0, 1)",
+    "balance_steps": "[0, inf)",
     "warmup_ratio": "[0, 1)", "warmup_steps": "[0, inf)", "weight_decay": "[0, inf)", "l2_penalty": "[0, inf)",
     "max_grad_norm": "[0, inf)", "adam_beta1": "[0, 1)", "adam_beta2": "[0, 1)", "adam_eps": "(0, inf)",
     "seed": f"[0, {2**32 - 1}]", "max_nonfinite_steps": "[1, inf)", "early_stopping_patience": "[0, inf)",

@@ -48,7 +48,7 @@ DOCUMENTED = {
     "save_total_limit": (1, INT_MAX, True, True, True), "eval_batch_size": (1, INT_MAX, True, True, True),
     "max_eval_samples": (1, INT_MAX, True, True, True), "max_new_tokens": (1, INT_MAX, True, True, True),
     "pack_tokens": (16, INT_MAX, True, True, True), "dist_timeout": (0, 31536000, False, True, False),
-    "forgetting_budget": (0, inf, True, False, False),
+    "forgetting_budget": (0, inf, True, False, False), "balance_steps": (0, INT_MAX, True, True, True),
 }
 SPECIAL = {"max_steps": [-1]}  # -1: num_epochs decides
 

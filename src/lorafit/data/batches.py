@@ -32,6 +32,7 @@ class Stream:
         self.n = len(enc.input_ids)
         self.per_epoch = math.ceil(self.n / batch_size)
         self._perm: dict[int, list[int]] = {}
+        self._window: tuple[tuple[int, int, int], list[list[int]]] | None = None  # step_groups' current window
 
     def _order(self, epoch: int, size: int) -> list[int]:
         """epoch_order, kept for the current epoch only."""
@@ -47,27 +48,57 @@ class Stream:
         idx = self.indices(k)
         return collate([self.enc.input_ids[i] for i in idx], [self.enc.labels[i] for i in idx], self.pad)
 
-    def window_examples(self, window: range, budget: int | None = None) -> list[tuple[list[list[int]], list[list[int]]]]:
-        """The examples of one optimizer step's micro-batches, in window order. With `budget` (the one-row
-        step's token budget), the window's examples are re-dealt into as many micro-batches of near-equal
-        tokens (`balanced_groups`), so N processes finish their share at the same time and bucketed rows
-        carry less filler. Still a pure function of the window: 1 process with N-fold accumulation runs the
-        same micro-batches as N processes. Kept as they are when a balanced one would exceed `budget`."""
-        groups = [self.indices(k) for k in window]
-        if budget is not None and len(groups) > 1:
-            flat = [i for g in groups for i in g]
-            dealt = [[flat[j] for j in part] for part in balanced_groups([len(self.enc.input_ids[i]) for i in flat],
-                                                                         len(groups))]
-            if max(sum(len(self.enc.input_ids[i]) for i in g) for g in dealt) <= budget:
-                groups = dealt
-        return [([self.enc.input_ids[i] for i in g], [self.enc.labels[i] for i in g]) for g in groups]
+    def step_groups(self, step: int, per_step: int, window_steps: int = 0, total: int | None = None) -> list[list[int]]:
+        """Example indices of optimizer step `step`'s `per_step` micro-batches.
+
+        With `window_steps` >= 1 and several micro-batches a step, the examples of the `window_steps` steps of
+        `step`'s window (windows cut at `total`) are dealt into as many micro-batches of near-equal tokens, at
+        most `batch_size` examples each (`balanced_groups`), taken `per_step` at a time: N processes finish
+        their share of a step together, and each example is still seen once an epoch's worth of steps. Why a
+        window and not one step: four examples split two ways leave one process waiting ~1/20 of a step on
+        Bitext; dealing eight steps' examples together halves that (docs/distributed.md). A pure function of
+        (seed, step, per_step, window_steps, total): resumes and any number of processes see the same steps."""
+        if window_steps < 1 or per_step < 2:
+            return [self.indices(k) for k in range(step * per_step, (step + 1) * per_step)]
+        first = step // window_steps * window_steps
+        last = first + window_steps if total is None else max(min(first + window_steps, total), step + 1)
+        key = (first, last, per_step)
+        if self._window is None or self._window[0] != key:
+            flat = [i for k in range(first * per_step, last * per_step) for i in self.indices(k)]
+            parts = balanced_groups([len(self.enc.input_ids[i]) for i in flat], (last - first) * per_step, cap=self.bs)
+            self._window = (key, [[flat[j] for j in part] for part in parts])
+        offset = (step - first) * per_step
+        return self._window[1][offset:offset + per_step]
+
+    def examples(self, group: list[int]) -> tuple[list[list[int]], list[list[int]]]:
+        """(input_ids, labels) of a micro-batch's examples: what the bucketed step lays into one row."""
+        return [self.enc.input_ids[i] for i in group], [self.enc.labels[i] for i in group]
+
+    def padded(self, groups: list[list[int]]) -> list[list[int]]:
+        """The same examples re-cut for padded micro-batches: by length, longest first, into as many
+        micro-batches of near-equal counts, so each pads to a length close to its examples' (the balanced
+        groups pair long with short examples, the worst case for padding). A pure function of `groups`, so
+        1 process and N processes cut a step the same way."""
+        order = sorted((i for g in groups for i in g), key=lambda i: -len(self.enc.input_ids[i]))
+        n, parts = len(groups), []
+        for j in range(n):
+            lo, hi = j * len(order) // n, (j + 1) * len(order) // n
+            parts.append(order[lo:hi])
+        return parts
+
+    def collate(self, group: list[int]) -> dict[str, Any]:
+        return collate([self.enc.input_ids[i] for i in group], [self.enc.labels[i] for i in group], self.pad)
+
+    def supervised(self, group: list[int]) -> int:
+        """Supervised tokens of a micro-batch's examples (the loss's denominator counts these)."""
+        return sum(sum(1 for l in self.enc.labels[i][1:] if l != -100) for i in group)
+
+    def tokens(self, group: list[int]) -> int:
+        """Real tokens of a micro-batch's examples (what `batch_tokens` counts), known without building it."""
+        return sum(len(self.enc.input_ids[i]) for i in group)
 
     def n_supervised(self, k: int) -> int:
-        return sum(sum(1 for l in self.enc.labels[i][1:] if l != -100) for i in self.indices(k))
-
-    def n_tokens(self, k: int) -> int:
-        """Real tokens of micro-batch k (what `batch_tokens` counts), known without building it."""
-        return sum(len(self.enc.input_ids[i]) for i in self.indices(k))
+        return self.supervised(self.indices(k))
 
 
 class PackedStream(Stream):
@@ -96,12 +127,15 @@ class PackedStream(Stream):
         return pack_batch([self.enc.input_ids[i] for i in idx], [self.enc.labels[i] for i in idx], pad_id=self.pad)
 
 
-def balanced_groups(lengths: list[int], n: int) -> list[list[int]]:
-    """Indices of `lengths` dealt into n groups of near-equal sums (longest first, each to the lightest group,
-    ties to the lower group); each group keeps its indices in order. Every group gets one when len >= n."""
+def balanced_groups(lengths: list[int], n: int, cap: int | None = None) -> list[list[int]]:
+    """Indices of `lengths` dealt into n groups of near-equal sums (longest first, each to the lightest group
+    with fewer than `cap` members, ties to the lower group); each group keeps its indices in order. Every group
+    gets one when len >= n."""
+    if cap is not None and len(lengths) > n * cap:
+        raise ValueError(f"{len(lengths)} items do not fit {n} groups of at most {cap}")
     loads, groups = [0] * n, [[] for _ in range(n)]
     for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
-        g = min(range(n), key=lambda g: (loads[g], g))
+        g = min((g for g in range(n) if cap is None or len(groups[g]) < cap), key=lambda g: (loads[g], g))
         loads[g] += lengths[i]
         groups[g].append(i)
     return [sorted(g) for g in groups]

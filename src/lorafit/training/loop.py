@@ -235,10 +235,19 @@ class Trainer:
         for g in self.opt.param_groups:
             g["lr"] = lr
         window = range(step * plan.micro_batches_per_step, (step + 1) * plan.micro_batches_per_step)
-        denom = sum(self.stream.n_supervised(k) for k in window)
         mine = list(window)[rank::ws]
-        if self.bucketed is not None:  # one-row micro-batches: balanced over the processes (Stream.window_examples)
-            dealt = self.stream.window_examples(window, None if cfg.packing else self.bucketed.budget)[rank::ws]
+        # The step's examples: several micro-batches a step are dealt over `balance_steps` steps into micro-batches
+        # of near-equal tokens (Stream.step_groups); the bucketed step runs them as they are (one row each),
+        # padded batches re-cut the same examples by length (Stream.padded).
+        dealing = 0 if cfg.packing else cfg.balance_steps
+        groups = self.stream.step_groups(step, plan.micro_batches_per_step, dealing, plan.total_steps)
+        denom = sum(self.stream.supervised(g) for g in groups)
+        if self.bucketed is not None:
+            dealt = [self.stream.examples(g) for g in groups[rank::ws]]
+        elif dealing and plan.micro_batches_per_step > 1:
+            dealt = [self.stream.collate(g) for g in self.stream.padded(groups)[rank::ws]]
+        else:
+            dealt = [self.stream.batch(k) for k in mine]
         # The gradient is the mean over the step's supervised tokens. DDP (the eager step) averages over the ranks,
         # so there each rank scales by N/denominator; the bucketed step sums over the ranks (in backward or after).
         reducer = self.bucketed.reducer if self.bucketed is not None else None
@@ -255,7 +264,7 @@ class Trainer:
                     lsum = self.bucketed(dealt[j], scale)
                 else:
                     with dist.no_sync(self.model, last=j == len(mine) - 1):
-                        lsum, _ = loss_sum(self.model, self.stream.batch(k), self.device, self.fused)
+                        lsum, _ = loss_sum(self.model, dealt[j], self.device, self.fused)
                         (lsum * scale).backward()
                 local_loss += lsum.detach()  # no host sync per micro-batch
             if reducer is not None and not mine:
@@ -276,7 +285,7 @@ class Trainer:
             packed = torch.stack([local_loss, (~torch.isfinite(norm)).to(torch.float64),
                                   torch.nan_to_num(norm.to(torch.float64))])
             dist.all_reduce_sum(packed)
-        tokens = sum(self.stream.n_tokens(k) for k in window)  # every rank's, known on the host
+        tokens = sum(self.stream.tokens(g) for g in groups)  # every rank's, known on the host
         pending = PendingStep(step, lr, denom, tokens, packed)
         if self.pipelined:
             bad = ((packed[1] > 0) | ~torch.isfinite(packed[0])).to(torch.float32)

@@ -17,36 +17,38 @@ import sys
 import time
 from pathlib import Path
 
-from lorafit.data import batches
 from lorafit.training import dist, loop
 
 
-REAL = {"batch": {c: c.__dict__["batch"] for c in (batches.Stream, batches.PackedStream)},
-        "loss_sum": loop.loss_sum, "all_sum": dist.all_sum}
+REAL = {"launch": loop.Trainer.launch, "loss_sum": loop.loss_sum, "all_sum": dist.all_sum}
 
 
 def inject(nan_at: int | None, hang_rank: int | None) -> None:
-    """Faults for the next run (each call starts from the real functions)."""
-    for cls, fn in REAL["batch"].items():
-        cls.batch = fn
-    loop.loss_sum, dist.all_sum = REAL["loss_sum"], REAL["all_sum"]
+    """Faults for the next run (each call starts from the real functions). `nan_at` names the run's micro-batch
+    index k = step x micro-batches a step + rank + j x processes for rank's j-th micro-batch of the step (the
+    loop's own numbering, the one its dropout seeds use), so 1 process with N-fold accumulation and N processes
+    poison the same examples."""
+    loop.Trainer.launch, loop.loss_sum, dist.all_sum = REAL["launch"], REAL["loss_sum"], REAL["all_sum"]
     if nan_at is not None:
         current: dict[str, int | None] = {"k": None}
-        for cls, real_batch in REAL["batch"].items():
+        real_launch, real_loss = REAL["launch"], REAL["loss_sum"]
 
-            def batch(self, k, _real=real_batch):
-                current["k"] = k
-                return _real(self, k)
-
-            cls.batch = batch
-        real_loss = REAL["loss_sum"]
+        def launch(self, step):
+            plan = self.plan
+            current.update(k=step * plan.micro_batches_per_step + self.rank, stride=plan.world_size)
+            try:
+                return real_launch(self, step)
+            finally:
+                current["k"] = None  # evaluation's loss_sum calls are not micro-batches
 
         def loss_sum(*a, **kw):
             loss, n = real_loss(*a, **kw)
-            k, current["k"] = current["k"], None
-            return (loss * float("nan"), n) if k == nan_at else (loss, n)
+            k = current["k"]
+            if k is not None:
+                current["k"] = k + current["stride"]
+            return (loss * float("nan"), n) if k is not None and k == nan_at else (loss, n)
 
-        loop.loss_sum = loss_sum
+        loop.Trainer.launch, loop.loss_sum = launch, loss_sum
     if hang_rank is not None and dist.world()[0] == hang_rank:
         def never_arrives(values, device):
             time.sleep(3600)

@@ -208,20 +208,3 @@ def test_disk_full_during_training_is_one_line_and_resumable(tmp_path, tiny_mode
     assert main(["train", str(path), "--no-progress"]) == 0
     assert any('"resume"' in ln for ln in (tmp_path / "full" / "log.jsonl").read_text().splitlines())
 
-
-def test_window_examples_are_balanced_and_a_pure_function_of_the_window():
-    from lorafit.data.batches import Stream, balanced_groups
-    from lorafit.data import Encoded
-
-    assert balanced_groups([5, 3, 8, 1, 2], 2) == [[2, 4], [0, 1, 3]]
-    lengths = [40, 300, 35, 120, 260, 30, 90, 50]
-    enc = Encoded(input_ids=[[7] * n for n in lengths], labels=[[-100] + [7] * (n - 1) for n in lengths], n_truncated=0)
-    stream = Stream(enc, 2, seed=0, pad_id=0)
-    window = range(0, 4)
-    dealt = stream.window_examples(window, budget=2048)
-    kept = stream.window_examples(window)
-    assert sorted(len(x) for ids, _ in dealt for x in ids) == sorted(lengths)  # the same examples, re-dealt
-    loads = [sum(map(len, ids)) for ids, _ in dealt]
-    assert max(loads) - min(loads) <= max(lengths) and max(loads) <= max(sum(map(len, ids)) for ids, _ in kept)
-    assert dealt == Stream(enc, 2, seed=0, pad_id=0).window_examples(window, budget=2048)
-    assert stream.window_examples(window, budget=100) == kept  # a dealt micro-batch would exceed the budget

@@ -93,12 +93,38 @@ def test_seeded_runs_are_identical_and_accumulation_is_exact(tiny_model_dir, dem
 
     a = train(cfg_for(tiny_model_dir, demo_data, tmp_path / "a", max_steps=3), progress=False).run_dir
     b = train(cfg_for(tiny_model_dir, demo_data, tmp_path / "b", max_steps=3), progress=False).run_dir
+    # balance_steps 1: each step's examples stay the step's (dealt only among its micro-batches); the default
+    # deals over 8 steps, which changes which examples share a step (test_batches.py)
     c = train(cfg_for(tiny_model_dir, demo_data, tmp_path / "c", max_steps=3, batch_size=1,
-                      gradient_accumulation_steps=2), progress=False).run_dir
+                      gradient_accumulation_steps=2, balance_steps=1), progress=False).run_dir
     wa, wb, wc = (load_file(str(r / "adapter" / "adapter_model.safetensors")) for r in (a, b, c))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     # batch 2 x accumulation 1 == batch 1 x accumulation 2: loss is normalised by the window's tokens
     assert all(torch.allclose(wa[k], wc[k], atol=1e-5) for k in wa)
+
+
+def test_balance_steps_changes_which_examples_share_a_step_not_what_an_epoch_sees(tiny_model_dir, demo_data, tmp_path,
+                                                                                   monkeypatch):
+    from lorafit.data.batches import Stream
+    from lorafit.training import train
+    from safetensors.torch import load_file
+
+    seen: dict[int, list] = {}
+    real = Stream.step_groups
+
+    def spy(self, step, per_step, window_steps=0, total=None):
+        groups = real(self, step, per_step, window_steps, total)
+        seen.setdefault(window_steps, []).append(sorted(i for g in groups for i in g))
+        return groups
+
+    monkeypatch.setattr(Stream, "step_groups", spy)
+    runs = {w: train(cfg_for(tiny_model_dir, demo_data, tmp_path / f"w{w}", max_steps=-1, num_epochs=1, batch_size=1,
+                             gradient_accumulation_steps=2, balance_steps=w, val_data={}), progress=False).run_dir
+            for w in (0, 4)}
+    assert sorted(i for s in seen[0] for i in s) == sorted(i for s in seen[4] for i in s)  # each example once
+    assert seen[0] != seen[4]
+    w0, w4 = (load_file(str(r / "adapter" / "adapter_model.safetensors")) for r in runs.values())
+    assert any(not torch.allclose(w0[k], w4[k]) for k in w0)
 
 
 def test_l2_penalty_and_weight_decay_are_different_things(tiny_model_dir, demo_data, tmp_path):
