@@ -93,10 +93,9 @@ def test_seeded_runs_are_identical_and_accumulation_is_exact(tiny_model_dir, dem
 
     a = train(cfg_for(tiny_model_dir, demo_data, tmp_path / "a", max_steps=3), progress=False).run_dir
     b = train(cfg_for(tiny_model_dir, demo_data, tmp_path / "b", max_steps=3), progress=False).run_dir
-    # balance_steps 1: each step's examples stay the step's (dealt only among its micro-batches); the default
-    # deals over 8 steps, which changes which examples share a step (test_batches.py)
+    # (one example a micro-batch: balance_steps deals nothing, each step keeps the shuffle's examples)
     c = train(cfg_for(tiny_model_dir, demo_data, tmp_path / "c", max_steps=3, batch_size=1,
-                      gradient_accumulation_steps=2, balance_steps=1), progress=False).run_dir
+                      gradient_accumulation_steps=2), progress=False).run_dir
     wa, wb, wc = (load_file(str(r / "adapter" / "adapter_model.safetensors")) for r in (a, b, c))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     # batch 2 x accumulation 1 == batch 1 x accumulation 2: loss is normalised by the window's tokens
@@ -118,7 +117,7 @@ def test_balance_steps_changes_which_examples_share_a_step_not_what_an_epoch_see
         return groups
 
     monkeypatch.setattr(Stream, "step_groups", spy)
-    runs = {w: train(cfg_for(tiny_model_dir, demo_data, tmp_path / f"w{w}", max_steps=-1, num_epochs=1, batch_size=1,
+    runs = {w: train(cfg_for(tiny_model_dir, demo_data, tmp_path / f"w{w}", max_steps=-1, num_epochs=1, batch_size=2,
                              gradient_accumulation_steps=2, balance_steps=w, val_data={}), progress=False).run_dir
             for w in (0, 4)}
     assert sorted(i for s in seen[0] for i in s) == sorted(i for s in seen[4] for i in s)  # each example once
