@@ -76,11 +76,12 @@ class TrainConfig:
     batch_size: int = _f(2, "Examples per device per micro-batch (as in HF Trainer and LLaMA-Factory): the global batch "
                          "is batch_size x gradient_accumulation_steps x number of processes.")
     gradient_accumulation_steps: int = _f(1, "Micro-batches per device per optimizer step.")
-    balance_steps: int = _f(8, "With several micro-batches a step (gradient accumulation or several processes; not with "
-                            "packing): the examples of this many consecutive optimizer steps are dealt into micro-batches "
-                            "of near-equal tokens, at most batch_size examples each, so processes finish their share of a "
-                            "step together. Changes which examples share a step, never how often one is seen an epoch; "
-                            "0: the shuffle's micro-batches as they are (docs/distributed.md).")
+    balance_steps: int = _f(8, "With several micro-batches a step (gradient accumulation or several processes), batch_size "
+                            ">= 2 and no packing: the examples of this many consecutive optimizer steps are dealt into "
+                            "micro-batches of near-equal tokens (at most batch_size examples each), shuffled over those "
+                            "steps, so processes finish their share of a step together. Changes which examples share a "
+                            "step, never how often one is seen an epoch; 0: the shuffle's micro-batches as they are "
+                            "(docs/distributed.md).")
     lr_scheduler: str = _f("cosine", f"Decay after warmup: one of {SCHEDULERS} (inverse_sqrt is the Transformer paper's).")
     min_lr_ratio: float = _f(0.0, "Floor of the decay as a share of the peak LR (cosine/linear).")
     warmup_ratio: float = _f(0.1, "Warmup as a share of total steps (combined with warmup_steps by taking the larger).")
