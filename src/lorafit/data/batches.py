@@ -77,16 +77,19 @@ class Stream:
         """(input_ids, labels) of a micro-batch's examples: what the bucketed step lays into one row."""
         return [self.enc.input_ids[i] for i in group], [self.enc.labels[i] for i in group]
 
-    def padded(self, groups: list[list[int]]) -> list[list[int]]:
+    def padded(self, groups: list[list[int]], processes: int = 1) -> list[list[int]]:
         """The same examples re-cut for padded micro-batches: by length, longest first, into as many
         micro-batches of near-equal counts, so each pads to a length close to its examples' (the balanced
-        groups pair long with short examples, the worst case for padding). A pure function of `groups`, so
-        1 process and N processes cut a step the same way."""
+        groups pair long with short examples, the worst case for padding). Process r takes parts r, r + N, ...:
+        every other block of N parts is reversed (snake order), so no process always gets the longest. A pure
+        function of (groups, N), so 1 process with N-fold accumulation and N processes cut a step the same way."""
         order = sorted((i for g in groups for i in g), key=lambda i: -len(self.enc.input_ids[i]))
         n, parts = len(groups), []
         for j in range(n):
             lo, hi = j * len(order) // n, (j + 1) * len(order) // n
             parts.append(order[lo:hi])
+        for b in range(processes, n, 2 * processes):
+            parts[b:b + processes] = parts[b:b + processes][::-1]
         return parts
 
     def collate(self, group: list[int]) -> dict[str, Any]:

@@ -245,7 +245,7 @@ class Trainer:
         if self.bucketed is not None:
             dealt = [self.stream.examples(g) for g in groups[rank::ws]]
         elif dealing and plan.micro_batches_per_step > 1 and cfg.batch_size > 1:  # what step_groups deals
-            dealt = [self.stream.collate(g) for g in self.stream.padded(groups)[rank::ws]]
+            dealt = [self.stream.collate(g) for g in self.stream.padded(groups, ws)[rank::ws]]
         else:
             dealt = [self.stream.batch(k) for k in mine]
         # The gradient is the mean over the step's supervised tokens. DDP (the eager step) averages over the ranks,

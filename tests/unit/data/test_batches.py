@@ -75,3 +75,14 @@ def test_the_dealt_micro_batches_are_shuffled_over_the_window():
         longest = max((i for gs in steps for g in gs for i in g), key=lambda i: lengths[i])
         where.append(next(j for j, gs in enumerate(steps) if any(longest in g for g in gs)))
     assert len(set(where)) > 3, where
+
+
+def test_padded_recut_deals_the_processes_in_snake_order():
+    stream = _stream([10 * (i + 1) for i in range(16)], 2)
+    groups = stream.step_groups(0, 8, 1)
+    parts = stream.padded(groups, 2)
+    tokens = [stream.tokens(p) for p in parts]
+    rank0, rank1 = sum(tokens[0::2]), sum(tokens[1::2])
+    assert abs(rank0 - rank1) <= max(tokens) - min(tokens) and tokens[0] > tokens[1] and tokens[2] < tokens[3]
+    assert sorted(i for p in parts for i in p) == list(range(16))
+    assert [sorted(p) for p in stream.padded(groups, 1)] != [sorted(p) for p in parts]
