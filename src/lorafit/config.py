@@ -151,11 +151,13 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def validate(self, source: str | None = None) -> "TrainConfig":
-        """Check every value before anything heavy happens; raise ConfigError naming the field."""
+    def validate(self, source: str | None = None, origins: dict[str, str | None] | None = None) -> "TrainConfig":
+        """Check every value before anything heavy happens; raise ConfigError naming the field, and the file
+        and line it came from, or the override (`origins`: where each key was last set)."""
 
         def bad(name: str, msg: str) -> None:
-            raise ConfigError(msg, file=source, line=_LINES.get((source, name)), field=name)
+            where = (origins or {}).get(name, source)
+            raise ConfigError(msg, file=where, line=_LINES.get((source, name)) if where == source else None, field=name)
 
         if not self.model:
             bad("model", "is required (a local folder, a .gguf file or a hub id)")
@@ -380,6 +382,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
     items += [(k, v, "argument") for k, v in kwargs.items()]
 
     values: dict[str, Any] = {}
+    origins: dict[str, str | None] = {}
     for key, value, where in items:
         key = str(key)
         top, _, sub = key.partition(".")
@@ -398,10 +401,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
         if where == source:
             _LINES[(source, top)] = line or 0
         values[top] = _coerce(top, value, where, line)
+        origins[top] = where
 
     cfg = TrainConfig(**values)
     cfg = _resolve_paths(cfg, base)
-    return cfg.validate(source)
+    return cfg.validate(source, origins)
 
 
 def _resolve_paths(cfg: TrainConfig, base: Path) -> TrainConfig:

@@ -93,3 +93,16 @@ def test_benchmark_paths_resolve_against_the_config_file(tmp_path):
     p = tmp_path / "proj" / "c.yaml"
     p.write_text("model: org/m\ndata: a.json\nbenchmarks: [bench/mmlu-en]\n")
     assert load_config(p).benchmarks == [str((tmp_path / "proj" / "bench" / "mmlu-en").resolve())]
+
+
+def test_a_bad_value_is_traced_to_where_it_was_set(tmp_path):
+    """An out-of-range override is the override's fault, not the file's (and a file's names its line)."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model: m\ndata: [d.json]\nlearning_rate: 0.001\nbalance_steps: 4\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(cfg, ["--balance_steps=-1"])
+    assert e.value.file == "override" and e.value.line is None and e.value.field == "balance_steps"
+    cfg.write_text("model: m\ndata: [d.json]\nlearning_rate: -0.001\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(cfg, ["--balance_steps=2"])
+    assert e.value.file == str(cfg) and e.value.line == 3 and e.value.field == "learning_rate"
