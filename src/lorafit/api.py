@@ -61,6 +61,7 @@ def generate(run: str | Path, prompt: str, *, max_new_tokens: int = 256, base_on
     import torch
 
     from .data import ensure_template, render_prompt
+    from .evaluation.generate import decoded_text
     from .model import load_run_model
     from .rundir import read_config
 
@@ -72,7 +73,7 @@ def generate(run: str | Path, prompt: str, *, max_new_tokens: int = 256, base_on
     enc = tok(text, return_tensors="pt", add_special_tokens=False).to(next(model.parameters()).device)
     with torch.no_grad():
         out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
-    return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    return decoded_text(tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True))
 
 
 def merge(run: str | Path, out: str | Path) -> Path:

@@ -87,4 +87,11 @@ def _generate(model: Any, tokenizer: Any, batch: Any, max_new_tokens: int,
         ids = torch.tensor([eos] if isinstance(eos, int) else list(eos or [tokenizer.eos_token_id]), device=new_tokens.device)
         ran_out = ~torch.isin(new_tokens, ids).any(dim=1) & (new_tokens.shape[1] >= max_new_tokens)
         no_eos.extend(bool(x) for x in ran_out.tolist())
-    return [t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+    return [decoded_text(t) for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+
+
+def decoded_text(text: str) -> str:
+    """A generated answer as scored and shown: stripped, and without the U+FFFD that byte-level tokenizers decode
+    when max_new_tokens cuts a multi-byte character (a Chinese character is three UTF-8 bytes, often two or
+    three tokens) -- a replacement character is no word of the answer."""
+    return text.strip().rstrip("\ufffd").rstrip()

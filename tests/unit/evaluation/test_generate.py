@@ -132,3 +132,15 @@ def test_max_eval_samples_caps_prompts_not_reference_rows(fake_run):
     sets = _eval_sets(cfg, run / "config.yaml", ["dom"], None)
     assert len(sets["dom"]) == 2
     assert sets["dom"][0].references == ["The Eagle serves Chinese food.", "The Eagle is a Chinese restaurant."]
+
+
+def test_an_answer_cut_inside_a_character_has_no_replacement_character(tok):
+    """max_new_tokens can end generation between the byte tokens of one Chinese character."""
+    from lorafit.evaluation.generate import decoded_text
+
+    ids = tok("北京是一个美丽的城市", add_special_tokens=False)["input_ids"]
+    cuts = [n for n in range(1, len(ids)) if tok.decode(ids[:n]).endswith("\ufffd") and tok.decode(ids[:n]).strip("\ufffd")]
+    assert cuts, "SmolLM2's byte-level tokenizer splits some character after the first over several tokens"
+    text = decoded_text(tok.decode(ids[:cuts[0]]))
+    assert text and "\ufffd" not in text and "北京是一个美丽的城市".startswith(text)
+    assert decoded_text("  答案 \ufffd\ufffd ") == "答案" and decoded_text("ok") == "ok"
