@@ -239,6 +239,19 @@ def _default(name: str) -> Any:
     return f.default if f.default_factory is dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
 
 
+# Keys added after runs were saved: the value that reproduces what a run saved without the key did.
+SAVED_BEFORE_THE_KEY = {"balance_steps": 0}  # before session 8 each step kept the shuffle's examples
+
+
+def _no_effect(name: str, saved: dict[str, Any], cfg: TrainConfig) -> bool:
+    """Whether a difference in `name` cannot change this run: balance_steps deals nothing with one micro-batch
+    a step, one example a micro-batch, or packing."""
+    if name != "balance_steps":
+        return False
+    per_step = (saved.get("global_batch_size") or 0) // max(cfg.batch_size, 1)
+    return cfg.packing or cfg.batch_size < 2 or per_step <= 1
+
+
 def _accumulation_ok(saved: dict[str, Any], cfg: TrainConfig) -> bool:
     """gradient_accumulation_steps may change only where the saved global batch is kept."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -268,9 +281,9 @@ def check_resume(cfg: TrainConfig, out: Path) -> None:
     for name, f in FIELDS.items():
         if f.metadata.get("resolved") or name in RESUMABLE_KEYS:
             continue
-        before = saved.get(name, _default(name))
+        before = saved.get(name, SAVED_BEFORE_THE_KEY.get(name, _default(name)))
         now = getattr(cfg, name)
-        if _norm(before) == _norm(now):
+        if _norm(before) == _norm(now) or _no_effect(name, saved, cfg):
             continue
         if name == "gradient_accumulation_steps" and _accumulation_ok(saved, cfg):
             continue

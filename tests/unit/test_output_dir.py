@@ -173,6 +173,23 @@ def test_key_added_by_a_newer_version_counts_as_its_default(tmp_path):
         check_resume(cfg(out, l2_penalty=0.5), out)
 
 
+def test_a_run_saved_before_balance_steps_resumes_only_with_its_data_order(tmp_path):
+    """Runs saved before the key kept the shuffle's examples in each step (balance_steps 0): resuming with the
+    default 8 would deal the rest of the epoch differently, so it is refused where dealing would happen."""
+    out = saved_run(tmp_path, gradient_accumulation_steps=2)
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    del saved["balance_steps"]
+    (out / "config.yaml").write_text(yaml.safe_dump({**saved, "global_batch_size": 4}))
+    with pytest.raises(ConfigError, match=r"balance_steps: 0 -> 8"):
+        check_resume(cfg(out, gradient_accumulation_steps=2), out)
+    check_resume(cfg(out, gradient_accumulation_steps=2, balance_steps=0), out)
+    one = saved_run(tmp_path / "one")  # one micro-batch a step: nothing is dealt, nothing to refuse
+    saved = yaml.safe_load((one / "config.yaml").read_text())
+    del saved["balance_steps"]
+    (one / "config.yaml").write_text(yaml.safe_dump({**saved, "global_batch_size": 2}))
+    check_resume(cfg(one), one)
+
+
 def test_accumulation_may_change_only_with_the_global_batch_kept(tmp_path, monkeypatch):
     out = saved_run(tmp_path, gradient_accumulation_steps=4)
     saved = yaml.safe_load((out / "config.yaml").read_text())
