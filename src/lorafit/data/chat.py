@@ -47,6 +47,9 @@ def encode(tokenizer: Any, messages: list[dict[str, str]], *, max_length: int, t
     tokens are the difference; assistant turns are supervised except their header.
     """
     msgs = _with_system(messages, system_prompt)
+    first = next((m["role"] for m in msgs if m["role"] != "system"), None)
+    if first != "user":  # else an assistant turn has no prompt to render before it (an empty one raises)
+        raise DataError("a conversation must start with a user turn (after an optional system turn)", field="messages")
     ids: list[int] = []
     labels: list[int] = []
     prev = ""
@@ -102,8 +105,13 @@ class Encoded:
 def encode_all(tokenizer: Any, examples: list[Example], cfg: Any) -> Encoded:
     ids, labels, n_trunc = [], [], 0
     for ex in examples:
-        i, l, t = encode(tokenizer, ex.messages, max_length=cfg.max_length, train_on_prompt=cfg.train_on_prompt,
-                         system_prompt=cfg.system_prompt)
+        try:
+            i, l, t = encode(tokenizer, ex.messages, max_length=cfg.max_length, train_on_prompt=cfg.train_on_prompt,
+                             system_prompt=cfg.system_prompt)
+        except DataError as e:
+            if e.field != "messages":
+                raise
+            raise DataError(e.message, file=ex.source or None, line=ex.line or None, field=e.field) from None
         if all(x == -100 for x in l):
             continue  # nothing to learn from (answer truncated away entirely)
         ids.append(i)

@@ -5,22 +5,29 @@ text, and LLaMA-Factory's dataset_info.json; `readers` supplies the (line, recor
 file, line and field.
 
 Field aliases (used when no ``columns`` mapping is given): instruction <- instruction | prompt |
-question | query | mr; output <- output | response | answer | std_answer | ref.
+question | query | mr; input <- input | query (query is the input only beside another instruction field);
+output <- output | response | answer | std_answer | ref. `context` is not an alias: databricks-dolly-15k's
+is the passage a question needs, Bitext's a constant label ("customer support"); map it with
+``columns: {input: context}`` where it is the input. Text in a field that no format reads is not dropped
+unseen: one warning per file names the fields.
 """
 from __future__ import annotations
 
 import json
+import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import DataError
-from .readers import json_limit, read_text, records_csv, records_json
+from .readers import json_document, read_text, records_csv, records_json
+
+log = logging.getLogger(__name__)
 
 ALIASES = {
     "instruction": ("instruction", "prompt", "question", "query", "mr"),
-    "input": ("input",),
+    "input": ("input", "query"),
     "output": ("output", "response", "answer", "std_answer", "ref"),
     "system": ("system",),
     "history": ("history",),
@@ -28,7 +35,11 @@ ALIASES = {
 ROLE_MAP = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
             "model": "assistant", "bot": "assistant", "system": "system", "observation": "user",
             "function_call": "assistant", "tool": "user"}
-_DOLLY = re.compile(r"^\s*### Human:\s*(?P<q>.*?)\s*### Assistant:\s*(?P<a>.*)$", re.S)
+_DOLLY_TURN = re.compile(r"### (Human|Assistant):")
+_DOLLY_SHAPE = "expected '### Human: question ### Assistant: answer', more turns alternating the same way"
+# Fields that hold no prompt or answer text: never reported as unused.
+_NOT_CONTENT = frozenset({"id", "idx", "category", "source", "lang", "language", "url", "license"})
+_FORMATTINGS = ("alpaca", "sharegpt")  # dataset_info.json's `formatting` values
 
 
 @dataclass
@@ -59,9 +70,13 @@ def _pick(rec: dict, key: str, columns: dict[str, str]) -> Any:
 
 
 def _field_name(rec: dict, key: str, columns: dict[str, str]) -> str:
+    """The field `_pick` reads (a loop, not next() over a generator: this runs several times a record)."""
     if key in columns:
         return columns[key]
-    return next((a for a in ALIASES.get(key, (key,)) if a in rec), key)
+    for alias in ALIASES.get(key, (key,)):
+        if alias in rec:
+            return alias
+    return key
 
 
 def _detect(rec: dict, columns: dict[str, str]) -> str:
@@ -90,32 +105,54 @@ def _need_str(v: Any, path: Path, line: int, name: str, allow_empty: bool = Fals
     return v
 
 
-def _alpaca(rec: dict, path: Path, line: int, columns: dict[str, str]) -> list[dict[str, str]]:
+def _alpaca(rec: dict, path: Path, line: int, columns: dict[str, str], used: set[str]) -> list[dict[str, str]]:
     f_ins, f_out = _field_name(rec, "instruction", columns), _field_name(rec, "output", columns)
-    ins = _need_str(_pick(rec, "instruction", columns), path, line, f_ins)
-    out = _need_str(_pick(rec, "output", columns), path, line, f_out)
-    inp = _pick(rec, "input", columns)
-    if inp is not None:
-        inp = _need_str(inp, path, line, _field_name(rec, "input", columns), allow_empty=True)
+    f_sys, f_hist = _field_name(rec, "system", columns), _field_name(rec, "history", columns)
+    used.update((f_ins, f_out, f_sys, f_hist))
+    ins = _need_str(rec.get(f_ins), path, line, f_ins)
+    out = _need_str(rec.get(f_out), path, line, f_out)
+    inp = _input(rec, path, line, columns, {f_ins, f_out}, used)
     msgs: list[dict[str, str]] = []
-    system = _pick(rec, "system", columns)
+    system = rec.get(f_sys)
     if system:
-        msgs.append({"role": "system", "content": _need_str(system, path, line, "system")})
-    history = _pick(rec, "history", columns) or []
+        msgs.append({"role": "system", "content": _need_str(system, path, line, f_sys)})
+    history = rec.get(f_hist) or []
     if not isinstance(history, list):
-        raise DataError("history must be a list of [query, response] pairs", file=str(path), line=line, field="history")
+        raise DataError("history must be a list of [query, response] pairs", file=str(path), line=line, field=f_hist)
     for i, turn in enumerate(history):
         if not (isinstance(turn, (list, tuple)) and len(turn) == 2 and all(isinstance(t, str) for t in turn)):
-            raise DataError(f"history[{i}] must be a [query, response] pair of strings", file=str(path), line=line, field="history")
-        msgs += [{"role": "user", "content": _need_str(turn[0], path, line, "history", allow_empty=True)},
-                 {"role": "assistant", "content": _need_str(turn[1], path, line, "history", allow_empty=True)}]
+            raise DataError(f"history[{i}] must be a [query, response] pair of strings", file=str(path), line=line, field=f_hist)
+        # Empty like an empty output: an empty answer would be trained on as "say nothing".
+        msgs += [{"role": "user", "content": _need_str(turn[0], path, line, f"{f_hist}[{i}][0]")},
+                 {"role": "assistant", "content": _need_str(turn[1], path, line, f"{f_hist}[{i}][1]")}]
     user = ins if not inp else f"{ins}\n{inp}"
     msgs += [{"role": "user", "content": user}, {"role": "assistant", "content": out}]
     return msgs
 
 
-def _sharegpt(rec: dict, path: Path, line: int, columns: dict[str, str], tags: dict[str, str]) -> list[dict[str, str]]:
+def _input(rec: dict, path: Path, line: int, columns: dict[str, str], taken: set[str], used: set[str]) -> str:
+    """The text joined under the instruction: input or query (unless that is the instruction).
+
+    Two non-empty ones are refused: which to keep, or how to join them, would be a guess.
+    """
+    names = [columns["input"]] if "input" in columns else [a for a in ALIASES["input"] if a in rec and a not in taken]
+    used.update(names)
+    given = {}
+    for name in names:
+        v = rec.get(name)
+        if v is not None and (v := _need_str(v, path, line, name, allow_empty=True)):
+            given[name] = v
+    if len(given) > 1:
+        raise DataError(f"fields {' and '.join(map(repr, given))} both hold the input; keep one", file=str(path),
+                        line=line, field=list(given)[1])
+    return next(iter(given.values()), "")
+
+
+def _sharegpt(rec: dict, path: Path, line: int, columns: dict[str, str], tags: dict[str, str],
+              used: set[str]) -> list[dict[str, str]]:
     key = columns.get("messages") or columns.get("conversations") or ("conversations" if "conversations" in rec else "messages")
+    f_sys = columns.get("system", "system")
+    used.update((key, f_sys))
     conv = rec.get(key)
     if conv is None:
         raise DataError("missing field", file=str(path), line=line, field=key)
@@ -138,33 +175,48 @@ def _sharegpt(rec: dict, path: Path, line: int, columns: dict[str, str], tags: d
             raise DataError(f"unknown role {role!r}", file=str(path), line=line, field=f"{fname}.{role_tag}")
         content = _need_str(turn.get(content_tag), path, line, f"{fname}.{content_tag}")
         msgs.append({"role": roles[role], "content": content})
-    if rec.get("system") and msgs[0]["role"] != "system":
-        msgs.insert(0, {"role": "system", "content": _need_str(rec["system"], path, line, "system")})
     if msgs[-1]["role"] != "assistant":
         raise DataError("conversation must end with an assistant turn", file=str(path), line=line, field=key)
     if not any(m["role"] == "user" for m in msgs):
         raise DataError("conversation has no user turn", file=str(path), line=line, field=key)
+    first = next(i for i, m in enumerate(msgs) if m["role"] != "system")
+    if msgs[first]["role"] != "user":  # an answer to nothing: no prompt to render before it
+        raise DataError("a conversation must start with a user turn (after an optional system turn)",
+                        file=str(path), line=line, field=f"{key}[{first}]")
+    if rec.get(f_sys) and msgs[0]["role"] != "system":
+        msgs.insert(0, {"role": "system", "content": _need_str(rec[f_sys], path, line, f_sys)})
     return msgs
 
 
-def _text(rec: dict, path: Path, line: int, columns: dict[str, str]) -> list[dict[str, str]]:
+def _text(rec: dict, path: Path, line: int, columns: dict[str, str], used: set[str]) -> list[dict[str, str]]:
+    """Dolly-style text: '### Human: q ### Assistant: a', possibly several turns, split at every marker."""
     name = columns.get("text", "text")
+    used.add(name)
     t = _need_str(rec.get(name), path, line, name)
-    m = _DOLLY.match(t)
-    if not m or not m.group("q").strip() or not m.group("a").strip():
-        raise DataError("text must look like '### Human: question ### Assistant: answer'", file=str(path), line=line, field=name)
-    return [{"role": "user", "content": m.group("q").strip()}, {"role": "assistant", "content": m.group("a").strip()}]
+    parts = _DOLLY_TURN.split(t)  # [before the first marker, "Human", q1, "Assistant", a1, ...]
+
+    def bad(why: str) -> DataError:
+        return DataError(f"{why}; {_DOLLY_SHAPE}", file=str(path), line=line, field=name)
+
+    if parts[0].strip() or len(parts) == 1:
+        raise bad("text must start with '### Human:'")
+    msgs = []
+    for k, (who, content) in enumerate(zip(parts[1::2], parts[2::2])):
+        want = "Human" if k % 2 == 0 else "Assistant"
+        if who != want:
+            raise bad(f"turn {k + 1} is '### {who}:' where '### {want}:' belongs")
+        if not content.strip():
+            raise bad(f"turn {k + 1} ('### {who}:') is empty")
+        msgs.append({"role": "user" if who == "Human" else "assistant", "content": content.strip()})
+    if msgs[-1]["role"] != "assistant":
+        raise bad("text must end with an '### Assistant:' answer")
+    return msgs
 
 
 def _dataset_info(spec: str) -> tuple[Path, str, dict[str, str], dict[str, str]]:
     info_path, _, name = spec.partition("#")
     p = Path(info_path)
-    try:
-        info = json.loads(read_text(p))
-    except json.JSONDecodeError as e:
-        raise DataError(f"invalid JSON: {e.msg}", file=str(p), line=e.lineno) from None
-    except (RecursionError, ValueError) as e:
-        raise DataError(f"invalid JSON: {json_limit(e)}", file=str(p)) from None
+    info = json_document(p, read_text(p))
     if not isinstance(info, dict):
         raise DataError("must be a JSON object mapping dataset names to entries", file=str(p))
     if not name:
@@ -183,26 +235,47 @@ def _dataset_info(spec: str) -> tuple[Path, str, dict[str, str], dict[str, str]]
         if not (isinstance(v, dict) and all(isinstance(x, str) for x in v.values())):
             raise DataError("must be an object mapping names to strings", file=str(p), field=f"{name}.{key}")
     fmt = entry.get("formatting", "alpaca")
+    if fmt not in _FORMATTINGS:
+        raise DataError(f"unknown formatting {fmt!r}; expected one of {', '.join(_FORMATTINGS)}", file=str(p),
+                        field=f"{name}.formatting")
     cols = dict(entry.get("columns", {}))
     mapping = {"prompt": "instruction", "query": "input", "response": "output", "system": "system",
-               "history": "history", "messages": "messages"}
+               "history": "history", "messages": "messages", "tools": "tools"}
     columns = {mapping[k]: v for k, v in cols.items() if k in mapping}
     return p.parent / entry["file_name"], fmt, columns, dict(entry.get("tags", {}))
 
 
 def _messages(rec: Any, p: Path, line: int, fmt: str, columns: dict[str, str],
-              tags: dict[str, str]) -> list[dict[str, str]]:
-    """One record in any supported format -> chat messages ending with the answer."""
+              tags: dict[str, str], used: set[str]) -> tuple[str, list[dict[str, str]]]:
+    """One record in any supported format -> (its format, chat messages ending with the answer).
+
+    The names of the fields read are added to `used`, so the caller can report text left unread.
+    """
     if not isinstance(rec, dict):
         raise DataError(f"record must be a JSON object, got {type(rec).__name__}", file=str(p), line=line)
+    f_tools = columns.get("tools", "tools")
+    used.add(f_tools)
+    if _has_tools(rec.get(f_tools)):  # dropping them would teach calls to functions the model never saw
+        raise DataError("tool definitions are not supported; remove the field or these examples", file=str(p),
+                        line=line, field=f_tools)
     kind = _detect(rec, columns) if fmt == "auto" else fmt
     if kind == "sharegpt":
-        return _sharegpt(rec, p, line, columns, tags)
+        return kind, _sharegpt(rec, p, line, columns, tags, used)
     if kind == "text":
-        return _text(rec, p, line, columns)
+        return kind, _text(rec, p, line, columns, used)
     if kind == "alpaca":
-        return _alpaca(rec, p, line, columns)
+        return kind, _alpaca(rec, p, line, columns, used)
     raise DataError(f"unknown format {kind!r}", file=str(p), field="format")
+
+
+def _has_tools(v: Any) -> bool:
+    """LLaMA-Factory stores tools as a JSON string: "[]" says no tools, like a missing or empty field."""
+    if isinstance(v, str):
+        try:
+            v = json.loads(v) if v.strip() else None
+        except (RecursionError, ValueError):
+            return True
+    return bool(v)
 
 
 def read_examples(path: str | Path, fmt: str = "auto", columns: dict[str, str] | None = None) -> list[Example]:
@@ -223,9 +296,12 @@ def read_examples(path: str | Path, fmt: str = "auto", columns: dict[str, str] |
     records = records_csv(p, text) if suffix == ".csv" else records_json(p, text)
     in_array = suffix != ".csv" and text.lstrip().startswith("[")
     out: list[Example] = []
+    unused: set[str] = set()  # fields holding text that no format read
+    unused_in: set[str] = set()  # the formats of the records that had them
     for index, (line, rec) in enumerate(records, 1):
+        used: set[str] = set()
         try:
-            msgs = _messages(rec, p, line, fmt, columns, tags)
+            kind, msgs = _messages(rec, p, line, fmt, columns, tags, used)
         except DataError as e:
             if not in_array or e.line is None:
                 raise
@@ -233,8 +309,15 @@ def read_examples(path: str | Path, fmt: str = "auto", columns: dict[str, str] |
             raise DataError(f"{e.message} (record {index:,} of the array)", file=e.file, line=e.line,
                             field=e.field) from None
         out.append(Example(msgs, str(p), line))
+        left = [k for k, v in rec.items() if isinstance(v, str) and v.strip() and k not in used and k not in _NOT_CONTENT]
+        if left:
+            unused.update(left)
+            unused_in.add(kind)
     if not out:
         raise DataError("no records", file=str(p))
+    if unused:  # one warning a file, not one a record
+        log.warning("%s: ignoring the text in field(s) %s, which the %s format does not read; map them with "
+                    "`columns` if they belong in the examples", p, ", ".join(sorted(unused)), "/".join(sorted(unused_in)))
     return out
 
 

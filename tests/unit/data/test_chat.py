@@ -41,3 +41,21 @@ def test_chatml_fallback(tok):
     t.chat_template = None
     ensure_template(t)
     assert t.chat_template == CHATML_TEMPLATE
+
+
+def test_conversation_not_starting_with_user_is_a_data_error(tok):
+    """An assistant turn first used to raise ValueError (empty prefix) from apply_chat_template: a traceback."""
+    from types import SimpleNamespace
+
+    from lorafit.data import Example, encode_all
+    from lorafit.errors import DataError
+
+    msgs = [{"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Sure"}]
+    for sys_msgs, system_prompt in [([], None), ([], "Be kind."), ([{"role": "system", "content": "S"}], None)]:
+        with pytest.raises(DataError, match="must start with a user turn"):
+            encode(tok, sys_msgs + msgs, max_length=64, system_prompt=system_prompt)
+    cfg = SimpleNamespace(max_length=64, train_on_prompt=False, system_prompt=None)
+    with pytest.raises(DataError, match="must start with a user turn") as e:
+        encode_all(tok, [Example(msgs, "data.jsonl", 7)], cfg)
+    assert (e.value.file, e.value.line) == ("data.jsonl", 7)

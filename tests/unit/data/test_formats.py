@@ -1,6 +1,8 @@
 """Records in every supported format become the same chat messages (`data/formats.py`); bad ones
 name file, line and field."""
 import json
+import logging
+import re
 
 import pytest
 
@@ -65,3 +67,137 @@ def test_group_references():
     exs = [Example([{"role": "user", "content": "mr1"}, {"role": "assistant", "content": r}]) for r in ("a", "b")]
     (g,) = group_references(exs)
     assert g.references == ["a", "b"]
+
+
+def test_sharegpt_must_start_with_a_user_turn(tmp_path):
+    """An assistant turn first has no prompt before it (chat.encode used to crash on it, exit 1)."""
+    turns = [{"from": "gpt", "value": "Hello!"}, {"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Sure"}]
+    for conv, field in [(turns, "conversations[0]"), ([{"from": "system", "value": "S"}] + turns, "conversations[1]")]:
+        p = write(tmp_path / "s.jsonl", "\n" + json.dumps({"conversations": conv}) + "\n")
+        with pytest.raises(DataError, match="must start with a user turn") as e:
+            read_examples(p)
+        assert (e.value.file, e.value.line, e.value.field) == (str(p), 2, field)
+
+
+def test_dolly_text_with_several_turns(tmp_path):
+    p = write(tmp_path / "d.jsonl", json.dumps({"text": "### Human: Hi ### Assistant: Hello! ### Human: What is 2+2? "
+                                                        "### Assistant: 4"}) + "\n")
+    (ex,) = read_examples(p)
+    assert ex.messages == [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+                           {"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}]
+
+
+@pytest.mark.parametrize("text,fragment", [
+    ("### Human: a ### Human: b ### Assistant: c", "turn 2 is '### Human:' where '### Assistant:' belongs"),
+    ("### Human: a ### Assistant: b ### Assistant: c", "turn 3 is '### Assistant:' where '### Human:' belongs"),
+    ("### Assistant: a ### Human: b ### Assistant: c", "turn 1 is '### Assistant:'"),
+    ("### Human: a ### Assistant:  ### Human: b ### Assistant: c", "turn 2 ('### Assistant:') is empty"),
+    ("### Human:   ### Assistant: c", "turn 1 ('### Human:') is empty"),
+    ("Intro ### Human: a ### Assistant: c", "must start with '### Human:'"),
+    ("### Human: a ### Assistant: b ### Human: c", "must end with an '### Assistant:' answer"),
+])
+def test_dolly_text_malformed_turns(tmp_path, text, fragment):
+    p = write(tmp_path / "d.jsonl", json.dumps({"text": text}) + "\n")
+    with pytest.raises(DataError, match=re.escape(fragment)) as e:
+        read_examples(p)
+    assert (e.value.line, e.value.field) == (1, "text")
+
+
+def test_dataset_info_sharegpt_system_column(tmp_path):
+    write(tmp_path / "s.json", json.dumps([{"conversations": [{"from": "human", "value": "Hi"},
+                                                              {"from": "gpt", "value": "Bonjour"}],
+                                            "system_prompt": "Answer in French."}]))
+    write(tmp_path / "dataset_info.json", json.dumps({"fr": {"file_name": "s.json", "formatting": "sharegpt", "columns": {
+        "messages": "conversations", "system": "system_prompt"}}}))
+    (ex,) = read_examples(f"{tmp_path}/dataset_info.json#fr")
+    assert ex.messages[0] == {"role": "system", "content": "Answer in French."}
+
+
+@pytest.mark.parametrize("tools", ['[{"name": "weather"}]', [{"name": "weather"}]])
+def test_tool_definitions_are_refused(tmp_path, tools):
+    """Dropped silently, they would train calls to functions the model never saw defined."""
+    conv = [{"from": "human", "value": "Weather?"}, {"from": "function_call", "value": '{"name": "weather"}'},
+            {"from": "observation", "value": "20C"}, {"from": "gpt", "value": "20C"}]
+    p = write(tmp_path / "t.jsonl", json.dumps({"conversations": conv, "tools": tools}) + "\n")
+    with pytest.raises(DataError, match="tool definitions are not supported; remove the field") as e:
+        read_examples(p)
+    assert (e.value.line, e.value.field) == (1, "tools")
+    p = write(tmp_path / "t.jsonl", json.dumps({"instruction": "q", "output": "a", "tools": tools}) + "\n")
+    with pytest.raises(DataError, match="tool definitions"):
+        read_examples(p)
+    # Through dataset_info.json's columns.tools: the mapped field is the one named.
+    write(tmp_path / "f.json", json.dumps([{"conversations": conv, "funcs": tools}]))
+    write(tmp_path / "dataset_info.json", json.dumps({"fn": {"file_name": "f.json", "formatting": "sharegpt",
+                                                             "columns": {"messages": "conversations", "tools": "funcs"}}}))
+    with pytest.raises(DataError, match="tool definitions") as e:
+        read_examples(f"{tmp_path}/dataset_info.json#fn")
+    assert (e.value.file, e.value.line, e.value.field) == (str(tmp_path / "f.json"), 1, "funcs")
+
+
+def test_empty_tools_and_tool_roles_are_kept(tmp_path):
+    conv = [{"from": "human", "value": "Weather?"}, {"from": "function_call", "value": '{"name": "w"}'},
+            {"from": "observation", "value": "20C"}, {"from": "gpt", "value": "20C"}]
+    p = write(tmp_path / "t.jsonl", "".join(json.dumps({"conversations": conv, "tools": t}) + "\n" for t in ("[]", "", [])))
+    for ex in read_examples(p):
+        assert [m["role"] for m in ex.messages] == ["user", "assistant", "user", "assistant"]
+
+
+@pytest.mark.parametrize("rec,user", [
+    ({"instruction": "Translate", "query": "Bonjour", "response": "Hello"}, "Translate\nBonjour"),
+    ({"instruction": "Translate", "input": "", "query": "Bonjour", "output": "Hello"}, "Translate\nBonjour"),
+    ({"query": "Only a query", "response": "ok"}, "Only a query"),  # query is the instruction when alone
+])
+def test_alpaca_input_aliases(tmp_path, caplog, rec, user):
+    p = write(tmp_path / "a.jsonl", json.dumps(rec) + "\n")
+    with caplog.at_level(logging.WARNING, logger="lorafit.data.formats"):
+        (ex,) = read_examples(p)
+    assert ex.messages[0]["content"] == user
+    assert not caplog.records  # nothing left unread (category is not content)
+
+
+def test_alpaca_two_inputs_refused(tmp_path):
+    p = write(tmp_path / "a.jsonl", json.dumps({"instruction": "q", "input": "x", "query": "y", "output": "a"}) + "\n")
+    with pytest.raises(DataError, match="fields 'input' and 'query' both hold the input") as e:
+        read_examples(p)
+    assert (e.value.line, e.value.field) == (1, "query")
+
+
+def test_context_is_not_an_input_alias_but_is_not_dropped_unseen(tmp_path, caplog):
+    """dolly-15k's context is the passage; Bitext's is the label 'customer support' on every row: no guess,
+    a warning, and `columns: {input: context}` where it is the input."""
+    rec = {"instruction": "When?", "context": "In 2000.", "response": "2000", "category": "closed_qa"}
+    p = write(tmp_path / "a.jsonl", json.dumps(rec) + "\n")
+    with caplog.at_level(logging.WARNING, logger="lorafit.data.formats"):
+        (ex,) = read_examples(p)
+    assert ex.messages[0]["content"] == "When?" and "context" in caplog.records[0].getMessage()
+    (mapped,) = read_examples(p, columns={"input": "context", "output": "response"})
+    assert mapped.messages[0]["content"] == "When?\nIn 2000."
+
+
+def test_unread_text_fields_warn_once_per_file(tmp_path, caplog):
+    p = write(tmp_path / "a.jsonl", "".join(json.dumps(r) + "\n" for r in [
+        {"instruction": "Summarize", "text": "Long article.", "output": "Short.", "id": "1", "source": "web"},
+        {"prompt": "P", "question": "Q", "answer": "A", "lang": "en"},
+        {"instruction": "q", "text": "more", "output": "a", "score": 3, "note": ""}]))
+    with caplog.at_level(logging.WARNING, logger="lorafit.data.formats"):
+        assert len(read_examples(p)) == 3
+    (rec,) = caplog.records
+    assert str(p) in rec.getMessage() and "field(s) question, text," in rec.getMessage()
+
+
+@pytest.mark.parametrize("history,field", [([["q1", ""]], "history[0][1]"), ([["q1", "r1"], ["", "r"]], "history[1][0]"),
+                                           ([["q1", "  "]], "history[0][1]")])
+def test_empty_history_turn_refused(tmp_path, history, field):
+    p = write(tmp_path / "h.jsonl", json.dumps({"instruction": "q2", "output": "a2", "history": history}) + "\n")
+    with pytest.raises(DataError, match="empty field") as e:
+        read_examples(p)
+    assert (e.value.file, e.value.line, e.value.field) == (str(p), 1, field)
+
+
+@pytest.mark.parametrize("formatting", ["openai", 5])
+def test_dataset_info_bad_formatting_names_the_info_file(tmp_path, formatting):
+    write(tmp_path / "d.json", json.dumps([{"instruction": "q", "output": "a"}]))
+    info = write(tmp_path / "dataset_info.json", json.dumps({"mine": {"file_name": "d.json", "formatting": formatting}}))
+    with pytest.raises(DataError, match="unknown formatting") as e:
+        read_examples(f"{info}#mine")
+    assert (e.value.file, e.value.field) == (str(info), "mine.formatting")
