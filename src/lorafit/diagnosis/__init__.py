@@ -21,7 +21,7 @@ from .detectors import (detect_divergence, detect_flat_loss, detect_fluctuation,
 from .findings import SEVERITIES, Finding, format_findings, sort_findings
 from .generalization import detect_forgetting, detect_overfitting, detect_plateau, detect_setup
 from .health import detect_generation_health
-from .patches import merge_patches, tool_patches, write_tool_config
+from .patches import check_target, merge_patches, tool_patches, write_tool_config
 from .records import MIN_TRAIN_RECORDS, build_series
 from .sources import LORAFIT, RunSource, load_source
 
@@ -107,6 +107,8 @@ def diagnose_run(run_dir: str | Path, write_config: str | Path | None = None,
         if write_config is not None and not cfg_path.is_file():
             raise RunError("no config.yaml to patch (a run folder written by `lorafit train` has one)",
                            file=str(cfg_path))
+    if write_config is not None:   # before diagnosis.json: a bad target writes nothing
+        write_config = check_target(write_config)
     try:
         (src.folder / DIAGNOSIS).write_text(
             json.dumps([f.to_dict() for f in shown], indent=2, ensure_ascii=False, allow_nan=False) + "\n",
@@ -130,6 +132,10 @@ def write_patched_config(run_dir: str | Path, findings: list[Finding], out: str 
         raise RunError("no config.yaml to patch (a run folder written by `lorafit train` has one)", file=str(cfg_path))
     patch = merge_patches(findings)
     cfg = load_config(cfg_path, overrides=patch)
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out)
+    out = check_target(out)
+    try:
+        save_config(cfg, out)
+    except OSError as e:
+        out.with_name(f".{out.name}.tmp").unlink(missing_ok=True)   # save_config's temp file
+        raise RunError(f"cannot write the config: {e.strerror or e}", file=str(out)) from None
     return patch

@@ -306,9 +306,14 @@ def detect_warmup(s: RunSeries, spikes: list[dict[str, Any]]) -> Finding | None:
     """A warmup too short for the learning rate: short by the numbers, and (for a warning) early
     instability seen in the log: the loss rising above its first value, spikes or gradient spikes."""
     w, total, lr = s.warmup_steps(), s.total_steps, s.peak_lr
+    # Logged too coarsely to see the warmup (the LR is at its peak in the first record): it was at most
+    # that many steps, which still tells a short warmup when the first record comes early enough.
+    at_most = w is None and s.warmup_bound() is not None
+    w = s.warmup_bound() if w is None else w
     if w is None or not total or len(s.loss) < 5:
         return None
-    if w >= max(10, WARMUP_SHORT_FRAC * total):
+    limit = max(10, WARMUP_SHORT_FRAC * total)
+    if w > limit or (w == limit and not at_most):   # "at most 10" is short enough to note
         return None
     end = early_window_end(s)
     x = np.log(s.loss)
@@ -322,7 +327,8 @@ def detect_warmup(s: RunSeries, spikes: list[dict[str, Any]]) -> Finding | None:
     bump = float(np.max(x[early] - x[0])) if early.any() else 0.0
     bumped = bool(wide.any() or narrow.any())
     early_spikes = [p for p in spikes if p["step"] <= end]
-    evidence: dict[str, Any] = {"warmup_steps": w, "total_steps": total, "peak_lr": lr, "early_window_end": int(end),
+    evidence: dict[str, Any] = {"warmup_steps": w, "warmup_at_most": at_most, "total_steps": total, "peak_lr": lr,
+                                "early_window_end": int(end),
                                 "early_rise_over_first_loss": math.exp(bump),
                                 "early_spike_steps": [p["step"] for p in early_spikes]}
     g = s.grad_norm
@@ -339,7 +345,7 @@ def detect_warmup(s: RunSeries, spikes: list[dict[str, Any]]) -> Finding | None:
         at.insert(0, int(s.steps[early][int(np.argmax(x[early]))]))
     return Finding(
         "warmup_too_short", "warning" if unstable else "info",
-        f"warmup of {w} steps" + (f" for a peak LR of {lr:g}" if lr else "") + (" with early instability" if unstable else ""),
+        f"warmup of {'at most ' if at_most else ''}{w} steps" + (f" for a peak LR of {lr:g}" if lr else "") + (" with early instability" if unstable else ""),
         "Adam's second-moment estimates are poor in the first steps, so a full learning rate from the start "
         "makes the first updates too large"
         + (f": the loss rose to {math.exp(bump):.2f}x its first value early on." if bumped else

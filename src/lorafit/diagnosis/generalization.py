@@ -15,7 +15,7 @@ import numpy as np
 from ..rundir import EARLY_STOP, START
 from .findings import Finding
 from .patches import DEFAULTS, round_sig
-from .records import RunSeries
+from .records import RunSeries, as_count
 from .stats import mann_kendall, ols_slope, rolling_median, t_quantile
 
 OVERFIT_RISE = 0.02        # validation loss 2% above its best ...
@@ -24,6 +24,7 @@ OVERFIT_GAP_GROWTH = 1.05  # ... and the train/validation gap must widen with it
 HIGH_LR_FACTOR = 5         # peak LR >= 5x the usual LoRA LR (1e-4): named as the cause of fast memorising
 OVERFIT_LEVEL_RISE = 0.015  # smaller rises must also hold between smoothed levels
 OVERFIT_CRITICAL = 0.10
+TRAIN_FELL = 0.10          # a rise from the first evaluation is overfitting only if training fell 10%+ meanwhile
 PLATEAU_REL = 0.01         # less than 1% improvement over the final stretch ...
 PLATEAU_BOUND = 0.03       # ... and confidently less than 3% (regression slope's 90% upper bound)
 PLATEAU_SPAN = 0.25        # the stretch covers at least a quarter of the training progress
@@ -55,17 +56,25 @@ def _train_slope(s: RunSeries, a: float, b: float) -> float:
     return ols_slope(s.steps[m], np.log(s.loss[m]))[0]
 
 
+def _train_fell(s: RunSeries, a: float, b: float) -> bool:
+    """The training loss level fell by TRAIN_FELL or more from step a to step b."""
+    width = _gap_width(s)
+    ta, tb = s.train_level_at(a, width), s.train_level_at(b, width)
+    return ta is not None and tb is not None and tb <= ta * (1 - TRAIN_FELL)
+
+
 def detect_overfitting(s: RunSeries) -> list[Finding]:
     """Validation loss rising from its best while the training loss keeps falling (per split)."""
     out = []
     for split in s.validation_splits():
         st, y = s.evals[split]
-        if len(y) < 3:
-            continue
         b = int(np.argmin(y))
         after = y[b + 1:]
-        if not len(after) or b == 0:
-            continue  # never better than before training: the run failed to learn (divergence), it did not overfit
+        if not len(after):
+            continue
+        if b == 0 and not _train_fell(s, st[0], st[-1]):
+            continue  # never better than its first evaluation and the training loss did not fall either: the
+            # run failed to learn (divergence), it did not overfit. With a falling training loss it did.
         rise = float(y[-1] / y[b] - 1)
         # A smaller rise must be a trend (Mann-Kendall needs 4+ points to reach significance; with two
         # evaluations after the best both must stand clearly above it) and must hold level to level:
@@ -113,9 +122,12 @@ def detect_overfitting(s: RunSeries) -> list[Finding]:
             ev["peak_lr"] = lr
         gap = f"; the train/validation gap grew from {ev['gap_at_best']:.2f}x to {ev['gap_final']:.2f}x" if "gap_final" in ev else ""
         ev["best_adapter_restored"] = restored
+        # Best at the first evaluation: the true best may lie before it (evaluate earlier or more often).
+        where = f"at {'its first evaluation, ' if b == 0 else ''}step {best_step}"
+        few = f" (only {len(y)} evaluations)" if len(y) < 3 else ""
         out.append(Finding(
             "overfitting", "critical" if rise >= OVERFIT_CRITICAL and not restored else "warning",
-            f"'{split}' loss best at step {best_step} ({y[b]:.3f}), then rose {100 * rise:.1f}% to {y[-1]:.3f}",
+            f"'{split}' loss best {where} ({y[b]:.3f}), then rose {100 * rise:.1f}% to {y[-1]:.3f}{few}",
             "The model keeps lowering its training loss by memorising the training examples while getting "
             f"worse on unseen ones{gap}. "
             + (f"Early stopping restored the step-{best_step} adapter, so the result is the best one, but the "
@@ -215,19 +227,19 @@ def detect_forgetting(s: RunSeries, metrics: dict[str, Any] | None) -> Finding |
         rises.append(float(y[-1] / y[0] - 1))
         ev.update(general_loss_first=float(y[0]), general_loss_last=float(y[-1]), first_general_eval_step=int(st[0]),
                   general_loss_rise=rises[-1])
-    g = ((metrics or {}).get("sets") or {}).get("general") if isinstance(metrics, dict) else None
+    # metrics.json is a side file: any part of it in another shape counts as absent, never as an error.
+    g = _mapping(_mapping(_mapping(metrics).get("sets")).get("general"))
     rouge_drop = 0.0
-    if isinstance(g, dict):
+    if g:
         lb, la = g.get("loss_before"), g.get("loss_after")
-        if isinstance(lb, (int, float)) and isinstance(la, (int, float)) and lb > 0:
+        if _is_num(lb) and _is_num(la) and lb > 0:
             rises.append(float(la / lb - 1))
             ev.update(metrics_loss_before=lb, metrics_loss_after=la, metrics_loss_rise=rises[-1])
             if _ci(g.get("loss_delta_ci95")):   # paired bootstrap over the general set's prompts (lorafit eval)
                 ev.update(metrics_loss_delta_ci95=g["loss_delta_ci95"], metrics_loss_p_value=g.get("loss_p_value"))
-        before, delta = g.get("before") or {}, g.get("delta") or {}
-        rb, rd = before.get("rouge-l"), delta.get("rouge-l")
-        ci = _ci((g.get("delta_ci95") or {}).get("rouge-l"))
-        if isinstance(rb, (int, float)) and isinstance(rd, (int, float)):
+        rb, rd = _mapping(g.get("before")).get("rouge-l"), _mapping(g.get("delta")).get("rouge-l")
+        ci = _ci(_mapping(g.get("delta_ci95")).get("rouge-l"))
+        if _is_num(rb) and _is_num(rd):
             scale = 1.0 if abs(rb) > 1.5 else 100.0   # llamafactory mode reports percent, standard 0-1
             # A drop whose 95% interval reaches 0 is within the prompts' sampling noise: not evidence.
             if -rd * scale >= FORGET_ROUGE_POINTS and rb and -rd / rb >= 0.05 and (ci is None or ci[1] < 0):
@@ -283,7 +295,7 @@ def _benchmark_drops(metrics: dict[str, Any] | None, ev: dict[str, Any]) -> list
     for name, entry in bench.items() if isinstance(bench, dict) else ():
         for key, block in entry.items() if isinstance(entry, dict) else ():
             o = block.get("overall") if key.endswith("-shot") and isinstance(block, dict) else None
-            if not isinstance(o, dict) or not isinstance(o.get("delta"), (int, float)):
+            if not isinstance(o, dict) or not _is_num(o.get("delta")):
                 continue
             label = f"{name} {key}"
             ci = _ci(o.get("delta_ci95"))
@@ -295,18 +307,25 @@ def _benchmark_drops(metrics: dict[str, Any] | None, ev: dict[str, Any]) -> list
 
 
 def _ci(v: Any) -> list[float] | None:
-    return [float(v[0]), float(v[1])] if isinstance(v, list) and len(v) == 2 and all(
-        isinstance(x, (int, float)) for x in v) else None
+    return [float(v[0]), float(v[1])] if isinstance(v, list) and len(v) == 2 and all(_is_num(x) for x in v) else None
+
+
+def _mapping(v: Any) -> dict[str, Any]:
+    return v if isinstance(v, dict) else {}
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def detect_setup(s: RunSeries) -> list[Finding]:
     """Run-setup observations: truncated examples, no validation set."""
     out = []
     start = next((e for e in s.events if e.get("event") == START), {})
-    trunc = start.get("truncated_examples")
-    total = next((start.get(k) for k in ("train_examples", "examples", "n_train", "num_examples")
-                  if isinstance(start.get(k), (int, float))), None)
-    if isinstance(trunc, (int, float)) and trunc > 0:
+    trunc = as_count(start.get("truncated_examples"), positive=True)
+    total = next((c for c in (as_count(start.get(k), positive=True)
+                              for k in ("train_examples", "examples", "n_train", "num_examples")) if c), None)
+    if trunc:
         share = trunc / total if total else None
         ml = int(s.config.get("max_length") or 1024)
         out.append(Finding(
@@ -318,8 +337,9 @@ def detect_setup(s: RunSeries) -> list[Finding]:
             evidence={"truncated_examples": int(trunc), "train_examples": total, "max_length": ml},
             config_patch={"max_length": min(8192, ml * 2)}))
     if not s.validation_splits() and len(s.steps):
+        bad = f" ({s.unusable_evals} evaluation records without a usable loss)" if s.unusable_evals else ""
         out.append(Finding(
-            "no_validation", "info", "no validation loss logged",
+            "no_validation", "info", f"no validation loss logged{bad}",
             "Without a validation curve, overfitting and plateaus cannot be seen.",
             "Hold out 10% of the data (val_size: 0.1) or name validation sets (val_data).",
             config_patch={} if s.config.get("val_data") else {"val_size": 0.1}))

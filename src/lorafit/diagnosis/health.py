@@ -67,7 +67,8 @@ def detect_generation_health(metrics: dict[str, Any] | None) -> list[Finding]:
         if not (isinstance(h, dict) and isinstance(h.get("before"), dict) and isinstance(h.get("after"), dict)):
             continue
         b, a = h["before"], h["after"]
-        n = a.get("n") or 0
+        n = a.get("n") if isinstance(a.get("n"), (int, float)) else 0   # any other shape: absent
+        shown = a.get("examples") if isinstance(a.get("examples"), dict) else {}
         for k in ("no_eos", "repetition", "empty", "template_leak", "language_mismatch"):
             x, y = b.get(k), a.get(k)
             if k == "no_eos" and isinstance(x, (int, float)) and isinstance(a.get("long_references"), (int, float)):
@@ -77,7 +78,7 @@ def detect_generation_health(metrics: dict[str, Any] | None) -> list[Finding]:
             if isinstance(x, (int, float)) and isinstance(y, (int, float)) and y - x >= RISE and y >= MIN_SHARE \
                     and y * n >= MIN_ANSWERS - 1e-9:
                 hits.setdefault(k, []).append({"set": name, "before": b.get(k), "after": y, "n": n,
-                                               "examples": (a.get("examples") or {}).get(k, []),
+                                               "examples": _as_list(shown.get(k)),
                                                **({"long_references": a.get("long_references")} if k == "no_eos" else {})})
         lb, la = b.get("length_ratio"), a.get("length_ratio")
         if isinstance(lb, (int, float)) and isinstance(la, (int, float)) and lb > 0 and la > 0:
@@ -86,6 +87,10 @@ def detect_generation_health(metrics: dict[str, Any] | None) -> list[Finding]:
                 hits.setdefault("length_ratio", []).append({"set": name, "before": lb, "after": la, "n": n,
                                                             "examples": []})
     return [_finding(k, v) for k, v in hits.items()]
+
+
+def _as_list(v: Any) -> list[Any]:
+    return v if isinstance(v, list) else []
 
 
 def _finding(kind: str, where: list[dict[str, Any]]) -> Finding:

@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
 import yaml
 
+from ..errors import RunError
 from .findings import Finding, sort_findings
+from .records import as_count
+from .toolconfig import dataset_names
 
 DEFAULTS = {"learning_rate": 1e-4, "max_grad_norm": 1.0, "warmup_ratio": 0.1, "warmup_steps": 20,
             "gradient_accumulation_steps": 1, "lora_dropout": 0.1, "weight_decay": 0.0, "num_epochs": 5}
@@ -135,7 +139,7 @@ def in_tool_words(patch: dict[str, Any], kind: str, tool_cfg: dict[str, Any] | N
         notes.append("neftune_noise_alpha: noise on the embeddings while training, the regulariser these tools "
                      "have in place of lorafit's prompt augmentation")
     if "val_size" in patch:
-        out.update(eval_strategy="steps", eval_steps=int(cfg.get("save_steps") or 100))
+        out.update(eval_strategy="steps", eval_steps=as_count(cfg.get("save_steps"), positive=True) or 100)
         if not lf:
             notes.append("pass an eval_dataset (10% of the data held out) to the Trainer")
     if "general_ratio" in patch:
@@ -158,8 +162,7 @@ def _same_save_and_eval(cfg: dict[str, Any]) -> dict[str, Any]:
 
 def _general_mix(cfg: dict[str, Any], ratio: float, lf: bool, notes: list[str]) -> dict[str, Any]:
     """General-domain data mixed in at `ratio`: LLaMA-Factory's interleave strategy over its datasets."""
-    names = cfg.get("dataset")
-    names = [n.strip() for n in names.split(",")] if isinstance(names, str) else list(names or [])
+    names = dataset_names(cfg.get("dataset"), "dataset", None, None)   # checked when the config was read
     if not lf or not names or cfg.get("eval_dataset"):
         # without the dataset list (or with eval_dataset, whose count interleave_probs must also match)
         # the probabilities cannot be written for this config
@@ -208,9 +211,33 @@ def write_tool_config(findings: list[Finding], out: str | Path, kind: str, tool_
         head = [f"# The fixes of `lorafit diagnose` in {tool} keys (no launch config was given: merge these into yours)."]
     head += [f"# also: {n}" for n in notes]
     text = "\n".join(head) + "\n" + (yaml.safe_dump(doc, sort_keys=False, allow_unicode=True) if doc else "")
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, out)
+    out = check_target(out)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, out)
+    except OSError as e:
+        raise RunError(f"cannot write the config: {e.strerror or e}", file=str(out)) from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
     return words
+
+
+def check_target(out: str | Path) -> Path:
+    """The --write-config path, checked before anything is written: not a folder, its folder created
+    and writable (a probe file is made and removed). A RunError naming the path otherwise."""
+    out = Path(out)
+    if out.is_dir():
+        raise RunError("is a folder: --write-config needs a file path", file=str(out))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"):
+            pass
+    except FileExistsError:
+        raise RunError("cannot write here: a file stands where a folder of the path should be",
+                       file=str(out)) from None
+    except OSError as e:
+        raise RunError(f"cannot write here: {e.strerror or e}", file=str(out)) from None
+    return out

@@ -19,6 +19,13 @@ from ..errors import RunError
 # Fewer logged training losses than this get no verdict, only a note saying so: the detectors' noise,
 # trend and spike statistics need about ten points before "nothing found" means anything.
 MIN_TRAIN_RECORDS = 10
+# Steps and step counts beyond this are not counts any trainer reached (float64 holds integers exactly
+# up to 2**53): a value like 1e300 would only overflow the statistics built on it.
+MAX_COUNT = 2 ** 53
+# A mean cross-entropy (nats per token) stays below ln(vocabulary) ~ 12 for any model that learned
+# anything and below a few hundred when diverged; far beyond is not a loss, and sums of such values
+# (means, regressions) would overflow float64.
+MAX_EVAL_LOSS = 1e6
 
 
 @dataclass
@@ -34,6 +41,7 @@ class RunSeries:
     evals: dict[str, tuple[np.ndarray, np.ndarray]]   # split -> (steps, eval_loss)
     events: list[dict[str, Any]]
     config: dict[str, Any] = field(default_factory=dict)
+    unusable_evals: int = 0                # eval records skipped: a loss that is not a positive number
 
     # --- facts that fall back from config to the start event to the log itself ----------------
     def cfg(self, key: str, default: Any = None) -> Any:
@@ -45,58 +53,78 @@ class RunSeries:
             return default
         return v
 
+    def count(self, key: str) -> int | None:
+        """A positive step count from the config or start event (total_steps, logging_steps, ...); a value
+        that is not a finite count (Infinity, NaN, 1e300, text) is unknown, as if it were absent."""
+        v = self.cfg(key)
+        return as_count(v, positive=True) if isinstance(v, (int, float)) else None
+
     @property
     def last_step(self) -> int:
         cands = [int(self.steps[-1])] if len(self.steps) else []
         cands += [int(s[-1]) for s, _ in self.evals.values() if len(s)]
-        cands += [int(e["step"]) for e in self.events if isinstance(e.get("step"), (int, float))]
+        cands += [c for c in (as_count(e.get("step")) for e in self.events) if c is not None]
         return max(cands, default=0)
 
     @property
     def total_steps(self) -> int:
-        t = self.cfg("total_steps")
-        return int(t) if isinstance(t, (int, float)) and t > 0 else self.last_step
+        return self.count("total_steps") or self.last_step
 
     @property
     def logging_steps(self) -> int:
-        v = self.cfg("logging_steps")
-        if isinstance(v, (int, float)) and v > 0:
-            return int(v)
+        """Steps per logged record: the configured value unless it is longer than the run (a logging
+        interval of 1e300 steps would make every per-step figure absurd), else the log's own spacing."""
+        v = self.count("logging_steps")
+        if v is not None and v <= max(self.last_step, 1):
+            return v
         d = np.diff(self.steps)
-        return int(np.median(d)) if len(d) else 1
+        return max(1, int(np.median(d))) if len(d) else 1
 
     @property
     def eval_steps(self) -> int:
-        v = self.cfg("eval_steps")
-        if isinstance(v, (int, float)) and v > 0:
-            return int(v)
+        v = self.count("eval_steps")
+        if v is not None:
+            return v
         diffs = [np.median(np.diff(s)) for s, _ in self.evals.values() if len(s) > 1]
         return int(min(diffs)) if diffs else 0
 
     @property
     def peak_lr(self) -> float | None:
-        v = self.config.get("learning_rate")
-        if isinstance(v, (int, float)) and v > 0:
+        v = as_number(self.config.get("learning_rate"))
+        if v is not None and 0 < v < math.inf:
             return float(v)
         return float(np.max(self.lr)) if self.lr is not None and len(self.lr) else None
 
     @property
     def examples_per_step(self) -> int | None:
         """Examples per optimizer step (times the data-parallel world size when the start event says)."""
-        b, ga = self.config.get("batch_size"), self.config.get("gradient_accumulation_steps") or 1
-        world = self.cfg("world_size", 1)
-        if not all(isinstance(v, (int, float)) for v in (b, ga, world)):
+        b = as_count(self.config.get("batch_size"), positive=True)
+        ga = as_count(self.config.get("gradient_accumulation_steps") or 1, positive=True)
+        world = as_count(self.cfg("world_size", 1), positive=True)
+        if b is None or ga is None or world is None:
             return None
-        return int(b) * int(ga) * max(1, int(world))
+        return b * ga * world
 
     def warmup_steps(self) -> int | None:
-        """Effective warmup: recorded by train, or read off the LR curve (where it first peaks)."""
+        """Effective warmup: recorded by train (or given by the launch config), or read off the LR curve
+        (where it first peaks). None when it cannot be told: see warmup_bound."""
         w = self.cfg("effective_warmup_steps")
-        if isinstance(w, (int, float)):
-            return int(w)
+        if isinstance(w, (int, float)) and as_count(w) is not None:
+            return as_count(w)
         if self.lr is not None and len(self.lr) > 2 and np.max(self.lr) > 0:
             i = int(np.argmax(self.lr >= 0.95 * np.max(self.lr)))
-            return int(self.steps[i]) if i > 0 else 0
+            if i > 0:
+                return int(self.steps[i])
+            # Already at its peak in the first record: the warmup ended somewhere before that step, so
+            # it is 0 only when that record is step 1 (a 90-step warmup logged every 100 steps is not 0).
+            return 0 if self.steps[0] <= 1 else None
+        return None
+
+    def warmup_bound(self) -> int | None:
+        """The most the warmup can have been when warmup_steps cannot tell: the first logged step, when
+        the LR is already at its peak there."""
+        if self.warmup_steps() is None and self.lr is not None and len(self.lr) > 2 and np.max(self.lr) > 0:
+            return int(self.steps[0]) if self.lr[0] >= 0.95 * np.max(self.lr) else None
         return None
 
     def progress(self, steps: np.ndarray) -> np.ndarray:
@@ -161,6 +189,15 @@ def as_number(v: Any) -> float | None:
 _num = as_number
 
 
+def as_count(v: Any, positive: bool = False) -> int | None:
+    """A log or config value as a step or step count, or None: non-numbers, NaN, infinities and values
+    beyond MAX_COUNT are not counts (the caller treats them as absent or skips the record)."""
+    f = as_number(v)
+    if f is None or not math.isfinite(f) or abs(f) > MAX_COUNT or (positive and f < 1):
+        return None
+    return int(f)
+
+
 def read_log(path: str | Path) -> list[dict[str, Any]]:
     """Records of a log.jsonl; lines that are not JSON objects (a partial last line) are skipped, a binary
     or non-UTF-8 file is a RunError (an unreadable log must never read as a log without problems)."""
@@ -182,19 +219,24 @@ def build_series(records: list[dict[str, Any]], config: dict[str, Any] | None = 
     train: dict[int, dict] = {}
     evals: dict[str, dict[int, float]] = {}
     events: list[dict[str, Any]] = []
+    unusable = 0
     for r in records:
-        step = _num(r.get("step"))
-        if step is None or not math.isfinite(step):
+        step = as_count(r.get("step"))
+        if step is None:   # no usable step (missing, text, NaN, inf, 1e300): the record is skipped
             continue
         kind = r.get("type")
         if kind == R.TYPE_TRAIN:
-            train[int(step)] = r
+            train[step] = r
         elif kind == R.TYPE_EVAL:
             v = _num(r.get("eval_loss"))
-            if v is not None and math.isfinite(v):
-                evals.setdefault(str(r.get("split", "val")), {})[int(step)] = v
+            # Skipped unless positive and below MAX_EVAL_LOSS: every validation test is relative (x% above
+            # the best), and a rise from a loss of 0 has no size; floored like training losses.
+            if v is not None and 0 < v < MAX_EVAL_LOSS:
+                evals.setdefault(str(r.get("split", "val")), {})[step] = max(v, 1e-8)
+            else:
+                unusable += 1
         elif kind == R.TYPE_EVENT:
-            events.append(r)
+            events.append({**r, "step": step})
 
     steps, loss, lr, gn, ep, bad = [], [], [], [], [], []
     for s in sorted(train):
@@ -224,6 +266,6 @@ def build_series(records: list[dict[str, Any]], config: dict[str, Any] | None = 
         epoch=arr(ep), nonfinite_steps=bad,
         evals={k: (np.asarray(sorted(v), float), np.asarray([v[s] for s in sorted(v)], float))
                for k, v in evals.items()},
-        events=sorted(events, key=lambda e: _num(e.get("step")) or 0.0),
-        config=dict(config or {}),
+        events=sorted(events, key=lambda e: e["step"]),
+        config=dict(config or {}), unusable_evals=unusable,
     )

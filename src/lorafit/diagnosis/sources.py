@@ -21,7 +21,9 @@ Nothing here guesses: no train record is an error naming the file and the shapes
 """
 from __future__ import annotations
 
+import codecs
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +31,7 @@ from typing import Any
 
 from .. import rundir as R
 from ..errors import RunError
-from .records import as_number as _num
+from .records import as_count
 from .toolconfig import lorafit_config, tool_config
 
 LORAFIT, LLAMAFACTORY, HF = "lorafit", "llamafactory", "hf_trainer"
@@ -38,6 +40,7 @@ EXPECTED = ("expected lorafit's log.jsonl ({\"type\": \"train\", \"step\", \"los
             "trainer_log.jsonl ({\"current_steps\", \"loss\"}) or HF Trainer's trainer_state.json "
             "(log_history with \"step\" and \"loss\")")
 _EVAL_KEY = re.compile(r"eval_(?:(.+)_)?loss")
+_CHECKPOINT = re.compile(r"checkpoint-([0-9]+)", re.ASCII)   # str.isdigit() also takes '²'
 
 
 @dataclass
@@ -66,13 +69,16 @@ def json_lines(path: Path) -> list[dict[str, Any]]:
     if b"\0" in data:
         raise RunError("binary file, not a JSON-lines log", file=str(path),
                        line=data.count(b"\n", 0, data.index(b"\0")) + 1)
+    # A BOM (Windows editors) is skipped: left in, it makes the first record unreadable JSON.
+    bom = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
     try:
-        text = data.decode("utf-8")
+        text = data[bom:].decode("utf-8")
     except UnicodeDecodeError as e:
-        if b"\n" in data[e.start:].rstrip(b"\r\n"):   # not just a last line cut inside a character
-            raise RunError(f"not UTF-8 text (byte {e.start})", file=str(path),
-                           line=data.count(b"\n", 0, e.start) + 1) from None
-        text = data[:data.rfind(b"\n", 0, e.start) + 1].decode("utf-8")
+        at = bom + e.start
+        if b"\n" in data[at:].rstrip(b"\r\n"):   # not just a last line cut inside a character
+            raise RunError(f"not UTF-8 text (byte {at})", file=str(path),
+                           line=data.count(b"\n", 0, at) + 1) from None
+        text = data[bom:data.rfind(b"\n", 0, at) + 1].decode("utf-8")
     out = []
     for line in text.splitlines():
         line = line.strip()
@@ -99,16 +105,20 @@ def _read_bytes(path: Path) -> bytes:
 def _read_json(path: Path) -> Any:
     data = _read_bytes(path)
     try:
-        return json.loads(data.decode("utf-8"))
+        return json.loads(data.decode("utf-8-sig"))
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise RunError(f"not a JSON file ({type(e).__name__})", file=str(path)) from None
 
 
 def _optional_json(path: Path) -> dict[str, Any] | None:
-    """A side file that only adds detail (eval/metrics.json): unreadable means absent."""
+    """A side file that only adds detail (eval/metrics.json): unreadable means absent, and so does a
+    NaN or infinite number in it (None), which no finding's evidence could carry into diagnosis.json."""
     try:
-        d = _read_json(path) if path.is_file() else None
-    except RunError:
+        data = _read_bytes(path) if path.is_file() else None
+        d = None if data is None else json.loads(
+            data.decode("utf-8-sig"), parse_constant=lambda _: None,
+            parse_float=lambda t: f if math.isfinite(f := float(t)) else None)
+    except (RunError, UnicodeDecodeError, ValueError, RecursionError):
         return None
     return d if isinstance(d, dict) else None
 
@@ -127,33 +137,36 @@ def sniff(rows: list[dict[str, Any]]) -> str | None:
 
 def from_llamafactory(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """trainer_log.jsonl lines -> lorafit records; `eval_loss` is the `val` split (LLaMA-Factory's
-    val_size split), progress-only lines (predict runs, the final summary) carry no loss and drop out."""
+    val_size split), progress-only lines (predict runs, the final summary) carry no loss and drop out,
+    and so does a line whose `current_steps` is not a step (NaN, Infinity); a `total_steps` that is not
+    a count is unknown."""
     out: list[dict[str, Any]] = []
     total = None
     for r in rows:
-        step = _num(r.get("current_steps"))
+        step = as_count(r.get("current_steps"))
         if step is None:
             continue
-        total = _num(r.get("total_steps")) or total
+        total = as_count(r.get("total_steps"), positive=True) or total
         if "loss" in r:
-            out.append({"type": R.TYPE_TRAIN, "step": int(step), "loss": r["loss"],
+            out.append({"type": R.TYPE_TRAIN, "step": step, "loss": r["loss"],
                         "lr": r.get("lr", r.get("learning_rate")), "epoch": r.get("epoch"),
                         "tokens_per_s": r.get("throughput")})
         if "eval_loss" in r:
-            out.append(R.eval_record(int(step), "val", r["eval_loss"]))
+            out.append(R.eval_record(step, "val", r["eval_loss"]))
     if total:
-        out.insert(0, {"type": R.TYPE_EVENT, "step": 0, "event": R.START, "total_steps": int(total)})
+        out.insert(0, {"type": R.TYPE_EVENT, "step": 0, "event": R.START, "total_steps": total})
     return out
 
 
 def from_log_history(history: list[Any], state: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """TrainerState.log_history -> lorafit records. `eval_loss` is split `val`, `eval_<name>_loss`
-    split `<name>` (Trainer's prefix for a dict of eval datasets)."""
+    split `<name>` (Trainer's prefix for a dict of eval datasets). An entry whose step is not a step
+    (NaN, Infinity, 1e300) is skipped; a max_steps or logging_steps that is not a count is unknown."""
     out: list[dict[str, Any]] = []
     for e in history:
-        if not isinstance(e, dict) or _num(e.get("step")) is None:
+        step = as_count(e.get("step")) if isinstance(e, dict) else None
+        if step is None:
             continue
-        step = int(_num(e["step"]))
         if "loss" in e:
             out.append({"type": R.TYPE_TRAIN, "step": step, "loss": e["loss"], "lr": e.get("learning_rate"),
                         "grad_norm": e.get("grad_norm"), "epoch": e.get("epoch")})
@@ -163,9 +176,9 @@ def from_log_history(history: list[Any], state: dict[str, Any] | None = None) ->
                 out.append(R.eval_record(step, m.group(1) or "val", v))
     start = {}
     for key, name in (("max_steps", "total_steps"), ("logging_steps", "logging_steps")):
-        v = _num((state or {}).get(key))
-        if v is not None and v >= 1:
-            start[name] = int(v)
+        v = as_count((state or {}).get(key), positive=True)
+        if v is not None:
+            start[name] = v
     if start:
         out.insert(0, {"type": R.TYPE_EVENT, "step": 0, "event": R.START, **start})
     return out
@@ -189,12 +202,12 @@ def _state_records(path: Path) -> list[dict[str, Any]]:
 
 
 def _last_train_step(records: list[dict[str, Any]]) -> float:
-    return max((_num(r.get("step")) or 0 for r in records if r.get("type") == R.TYPE_TRAIN), default=-1)
+    return max((as_count(r.get("step")) or 0 for r in records if r.get("type") == R.TYPE_TRAIN), default=-1)
 
 
 def _latest_checkpoint(folder: Path) -> Path | None:
-    cands = [(int(p.name.split("-")[1]), p) for p in folder.glob("checkpoint-*")
-             if p.name.split("-")[1].isdigit() and (p / "trainer_state.json").is_file()]
+    cands = [(int(m.group(1)), p) for p in folder.glob("checkpoint-*")
+             if (m := _CHECKPOINT.fullmatch(p.name)) and (p / "trainer_state.json").is_file()]
     return max(cands)[1] / "trainer_state.json" if cands else None
 
 
@@ -206,10 +219,14 @@ def load_source(path: str | Path, config: str | Path | None = None, require_trai
     p = Path(path)
     if not p.exists():
         raise RunError("not found: expected a run folder or a training log file", file=str(p))
+    if not p.is_dir() and not p.is_file():
+        raise RunError("not a log file or folder (a device, pipe or socket): expected a run folder or a "
+                       "training log file", file=str(p))
     kind, log_file, records = _find_log(p)
     folder = p if p.is_dir() else p.parent
     if require_train and not any(r.get("type") == R.TYPE_TRAIN for r in records):
-        raise RunError(f"no training records (no line with a step and a loss); {EXPECTED}",
+        raise RunError(f"no training records (no line with a step and a loss; a step is a whole number "
+                       f"below 2**53, not NaN or Infinity); {EXPECTED}",
                        file=str(log_file))
     metrics = _optional_json(folder / R.EVAL_DIR / R.METRICS_JSON)
     if kind == LORAFIT:

@@ -14,7 +14,7 @@ from typing import Any
 
 from .. import rundir as R
 from ..errors import ConfigError
-from .records import as_number as _num
+from .records import as_count, as_number as _num
 
 # tool key -> (lorafit key, integer?)
 NUMBERS = {
@@ -52,7 +52,7 @@ def read_yaml_mapping(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
     if not path.is_file():
         raise ConfigError("config file not found", file=str(path))
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
         raise ConfigError(f"not UTF-8 text (byte {e.start})", file=str(path)) from None
     except OSError as e:
@@ -96,6 +96,8 @@ def tool_config(path: Path | None, records: list[dict[str, Any]],
     if total:
         out["total_steps"] = total
         out["effective_warmup_steps"] = min(total, out["warmup_steps"] or math.ceil(out.get("warmup_ratio", 0) * total))
+    elif out["warmup_steps"] or not out.get("warmup_ratio"):   # a ratio needs the run length; steps do not
+        out["effective_warmup_steps"] = out["warmup_steps"]
     if merged.get("bf16") or merged.get("pure_bf16"):
         out["dtype"] = "bfloat16"
     elif merged.get("fp16"):
@@ -105,15 +107,31 @@ def tool_config(path: Path | None, records: list[dict[str, Any]],
     if merged.get("early_stopping_steps") and merged.get("load_best_model_at_end"):
         out["early_stopping_patience"] = coerce_number(merged["early_stopping_steps"], "early_stopping_steps",
                                                        path, lines.get("early_stopping_steps"), True)
-    if merged.get("eval_dataset"):
-        names = merged["eval_dataset"]
-        names = names.split(",") if isinstance(names, str) else list(names)
-        out["val_data"] = {str(n).strip(): str(n).strip() for n in names}
+    dataset_names(merged.get("dataset"), "dataset", path, lines.get("dataset"))
+    names = dataset_names(merged.get("eval_dataset"), "eval_dataset", path, lines.get("eval_dataset"))
+    if names:
+        out["val_data"] = {n: n for n in names}
     return raw, out
+
+
+def dataset_names(value: Any, name: str, file: Path | None, line: int | None) -> list[str]:
+    """A `dataset` / `eval_dataset` value as LLaMA-Factory reads it: a name, comma-separated names or a
+    list of names (empty when unset); anything else (5, true, a mapping) names file, line and field."""
+    if value is None or value == "" or value == []:
+        return []
+    if isinstance(value, str):
+        items: list[Any] = value.split(",")
+    elif isinstance(value, list) and all(isinstance(n, str) for n in value):
+        items = value
+    else:
+        raise ConfigError(f"expected a dataset name, comma-separated names or a list of names, got {value!r}",
+                          file=None if file is None else str(file), line=line, field=name)
+    return [n.strip() for n in items if n.strip()]
 
 
 def _total_steps(records: list[dict[str, Any]]) -> int | None:
     for r in records:
-        if r.get("type") == R.TYPE_EVENT and r.get("event") == R.START and _num(r.get("total_steps")):
-            return int(_num(r["total_steps"]))
+        total = as_count(r.get("total_steps"), positive=True) if r.get("type") == R.TYPE_EVENT else None
+        if total and r.get("event") == R.START:
+            return total
     return None
