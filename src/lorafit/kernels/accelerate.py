@@ -35,6 +35,10 @@ ATTENTION = ("LlamaAttention", "Qwen2Attention", "MistralAttention")
 MLP = ("LlamaMLP", "Qwen2MLP", "MistralMLP")
 NORM = ("LlamaRMSNorm", "Qwen2RMSNorm", "MistralRMSNorm")
 LAYER = ("LlamaDecoderLayer", "Qwen2DecoderLayer", "MistralDecoderLayer")
+# The causal LMs whose logits are exactly lm_head(final hidden state): the fused cross-entropy computes that.
+# Others may transform them (Gemma2's soft-capping, Granite's and Cohere's logit scales) or lack the decoder
+# layout the fused modules assume (GPT-2, GPT-NeoX, Falcon): they are left as they are.
+CAUSAL_LM = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
 CE_CHUNK_ELEMENTS = 1 << 27  # logits in one cross-entropy chunk by default: 256 MiB in bf16
 _FUSED = (FusedAttention, FusedMLP, FusedRMSNorm)
 
@@ -150,7 +154,8 @@ def accelerate_model(model: nn.Module, *, fused_lora: bool = True, fused_norm: b
                      fused_swiglu: bool = True, fused_ce: bool = True, varlen_attention: bool = True,
                      shared_dropout: bool = True, ce_chunk: int | None = None,
                      seeded_dropout: bool = False, fused_residual: bool = False, sdpa_backend: str | None = None,
-                     checkpointed_ce_chunk: int | None = 256, adapter_cache: bool = True) -> nn.Module:
+                     checkpointed_ce_chunk: int | None = 256, adapter_cache: bool = True,
+                     max_positions: int | None = None) -> nn.Module:
     """Swap the decoder's attention, MLP and norms of `model` (PeftModel or *ForCausalLM) for fused ones.
 
     fused_lora: one pass over each shared input for its LoRA projections, in the model dtype.
@@ -175,17 +180,28 @@ def accelerate_model(model: nn.Module, *, fused_lora: bool = True, fused_norm: b
         adapters (lorafit refuses fused kernels under FSDP).
     sdpa_backend: pin the SDPA kernel of unpacked, unmasked batches ("cudnn", "flash", "efficient",
         "math"; None: PyTorch's choice, through Hugging Face's attention function).
-    Calling it again re-applies from the original modules with the new flags. Returns `model`, swapped
-    in place; `accelerated(model)` is its handle.
+    max_positions: the longest span one token can attend over in this use (the trainer: max_length). An
+        attention layer with a sliding window shorter than that (or any window, when unknown) is left as it
+        is: the fused attention does not apply windows.
+    Only the causal LMs in CAUSAL_LM are accelerated; any other model is left as it is (`swapped` 0, no
+    fused cross-entropy). Calling it again re-applies from the original modules with the new flags.
+    Returns `model`, swapped in place; `accelerated(model)` is its handle.
     """
     restore_model(model)
     causal = _causal_lm(model)
+    if type(causal).__name__ not in CAUSAL_LM:
+        _HANDLES[causal] = Accelerated(model, causal, Acceleration(fused_ce=False, swapped=0), None, None)
+        return model
     seed = DropoutSeed(next(causal.parameters()).device) if seeded_dropout else None
     cache = AdapterCache() if adapter_cache else None
     swapped = 0
     for index, layer in enumerate(_layers(causal)):
         attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
-        if type(attn).__name__ in ATTENTION and hasattr(attn, "head_dim"):
+        # Qwen2's attention holds its layer's window (None where the layer has none); Mistral's reads its config
+        window = attn.sliding_window if hasattr(attn, "sliding_window") else \
+            getattr(getattr(attn, "config", None), "sliding_window", None)
+        windowed = window is not None and (max_positions is None or window < max_positions)
+        if type(attn).__name__ in ATTENTION and hasattr(attn, "head_dim") and not windowed:
             layer.self_attn = FusedAttention(attn, fused_lora=fused_lora, fused_rope=fused_rope,
                                              varlen=varlen_attention, shared_dropout=shared_dropout,
                                              sdpa_backend=sdpa_backend)

@@ -133,7 +133,7 @@ class FusedAttention(_Fused):
         else:
             q, k = rope_reference(q, cos, sin), rope_reference(k, cos, sin)
         cu = kwargs.get("cu_seq_lens_q")
-        if self.varlen and cu is not None and b == 1 and getattr(self, "sliding_window", None) is None:
+        if self.varlen and cu is not None and b == 1 and not self._windowed(int(kwargs["max_length_q"])):
             o = varlen_attention(q[0], k[0], v[0], cu, int(kwargs["max_length_q"]), self.scaling)
         elif self._pinned_sdpa(attention_mask, s, cu):
             o = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.scaling,
@@ -150,10 +150,16 @@ class FusedAttention(_Fused):
                        4 * self.dropout_site + 1, self.adapter_cache)[0], None
 
 
+    def _windowed(self, span: int) -> bool:
+        """Whether a sliding window can cut attention over `span` tokens (accelerate_model swaps only layers
+        whose window is at least the run's max_positions, so within an example it never does)."""
+        window = getattr(self, "sliding_window", None)
+        return window is not None and window < span
+
     def _pinned_sdpa(self, attention_mask: torch.Tensor | None, s: int, cu: torch.Tensor | None) -> bool:
         """Whether this call is plain causal attention that `causal_attention` can take with a pinned kernel."""
         return (self.sdpa_backend is not None and attention_mask is None and cu is None and s > 1
-                and getattr(self, "sliding_window", None) is None and getattr(self, "is_causal", True)
+                and not self._windowed(s) and getattr(self, "is_causal", True)
                 and (not self.training or not self.attention_dropout))
 
 

@@ -104,19 +104,30 @@ class Trainer:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model = apply_lora(base, cfg)
         self.dropout_seed = self.kernels = None  # kernels: the fused model's handle (kernels.Accelerated)
+        unsupported = ""
         if self.fused:
             from ..kernels import accelerate_model, accelerated
             from ..kernels._triton import use_triton
 
             # Where Triton runs, LoRA dropout is drawn inside the rank-r products from a seed (the fast path,
             # docs/speed.md); the seed is set per micro-batch, like torch's RNG for the other paths.
-            model = accelerate_model(model, seeded_dropout=use_triton(torch.empty(0, device=device)))
+            # max_positions: no token attends past its own example, at most max_length tokens (packs attend
+            # per example), so a sliding window at least that long never cuts and the layer may be fused.
+            model = accelerate_model(model, seeded_dropout=use_triton(torch.empty(0, device=device)),
+                                     max_positions=cfg.max_length)
             self.kernels = accelerated(model)
             self.dropout_seed = self.kernels.dropout_seed
+            if self.kernels.acceleration.swapped == 0:  # an architecture the fused kernels do not cover
+                self.kernels.restore()
+                self.kernels = self.dropout_seed = None
+                self.fused = False
+                unsupported = f"no fused kernels for {type(model.get_base_model()).__name__}"
             if self.dropout_seed is not None and cfg.lora_dropout > 0:
                 _check_seeded_dropout_size(cfg, model.get_base_model().config)
         self.peft_model = model
         self.step_kind, why = step_kind(cfg, self.fused, device, self.strategy, self.dropout_seed is not None)
+        if unsupported:
+            why = unsupported
         if self.step_kind in ("cuda_graph", "bucketed") and not varlen_ready(model):
             self.step_kind, why = "eager_fused", "the model's attention is not lorafit's fused varlen attention"
         log.info("training step: %s%s", self.step_kind, f" ({why})" if why else "")
@@ -507,7 +518,8 @@ class Trainer:
         rundir.check_resume(self.cfg, self.out)
         self.setup_data()  # a finished run still validates its inputs before "nothing to do"
         if finished(self.out):
-            log.info("%s already holds a finished run; nothing to do", self.out)
+            log.info("%s already holds a finished run; nothing to do (a finished run is not extended: to train "
+                     "further, e.g. with a larger max_steps, use a new output_dir)", self.out)
             return TrainResult(self.out, self.plan.total_steps)
         rundir.check_global_batch(self.cfg, self.plan)
         self.setup_model()
