@@ -117,7 +117,8 @@ class TrainConfig:
     fused_kernels: bool | str = _f("auto", "lorafit's fused LoRA, norm, rotary, SwiGLU and cross-entropy kernels: 'auto' "
                                    "(default) turns them on where CUDA and Triton run (then LoRA dropout is drawn inside "
                                    "the fused products from (seed, micro-batch)) and off elsewhere (CPU: nothing changes); "
-                                   "true / false force it.")
+                                   "true / false force it. Covers Llama, Qwen2 and Mistral; other architectures train on their own "
+                                   "modules and loss (the start event says so).")
     cuda_graph: bool | str = _f("auto", "With fused kernels: each micro-batch's examples (a padded batch's rows, or a "
                                 "pack) run as one padding-free row filled to a length bucket (a multiple of 128; rows of one "
                                 "length that fill it exactly stay rows), its forward and backward replayed from a CUDA "
