@@ -154,6 +154,10 @@ def _run(args: argparse.Namespace, extra: list[str], argv: list[str]) -> int:
             raise ConfigError(f"must be a number of processes >= 1, got {args.nproc}", field="--nproc")
         if args.nproc and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
             return _torchrun(args.nproc, argv)
+        if args.no_progress:  # no bar at all: transformers' own (loading weights) included
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
         res = api.train(cfg, progress=not args.no_progress, config_path=args.config)
         print(f"run folder: {res.run_dir}\n  adapter: {res.run_dir / R.ADAPTER}\n  log: {res.run_dir / R.LOG}"
               f"\n  loss curves: {res.run_dir / R.LOSS_PLOT}")

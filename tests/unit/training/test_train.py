@@ -282,3 +282,18 @@ def test_docs_run_folder_lists_every_record_field_the_trainer_writes(trained):
             missing.add(f"event '{r['event']}'")
     missing |= {f"run-folder entry '{p.name}'" for p in trained.iterdir() if p.name.strip("/") not in named}
     assert not missing, sorted(missing)
+
+
+def test_no_progress_means_no_bar_at_all(tiny_model_dir, demo_data, tmp_path):
+    """--no-progress for logs and CI: not lorafit's bar, and not transformers' 'Loading weights' bar either."""
+    import subprocess
+    import sys
+
+    train_file, _ = demo_data
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(json.dumps({"model": tiny_model_dir, "data": [str(train_file)], "output_dir": str(tmp_path / "run"),
+                               "max_steps": 1, "max_length": 64, "device": "cpu"}))
+    cmd = [sys.executable, "-m", "lorafit", "train", str(cfg), "--no-progress"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "\r" not in p.stderr and "it/s]" not in p.stderr and "Loading weights" not in p.stderr, p.stderr[-2000:]
