@@ -161,10 +161,11 @@ def _sharegpt(rec: dict, path: Path, line: int, columns: dict[str, str], tags: d
     role_tag = tags.get("role_tag") or ("from" if isinstance(conv[0], dict) and "from" in conv[0] else "role")
     content_tag = tags.get("content_tag") or ("value" if role_tag == "from" else "content")
     roles = dict(ROLE_MAP)
-    if "user_tag" in tags:
-        roles[tags["user_tag"]] = "user"
-    if "assistant_tag" in tags:
-        roles[tags["assistant_tag"]] = "assistant"
+    # LLaMA-Factory's dataset_info `tags`: each names the value its role field takes for that role
+    for tag, role in (("user_tag", "user"), ("assistant_tag", "assistant"), ("system_tag", "system"),
+                      ("observation_tag", "user"), ("function_tag", "assistant")):
+        if tag in tags:
+            roles[tags[tag]] = role
     msgs = []
     for i, turn in enumerate(conv):
         fname = f"{key}[{i}]"

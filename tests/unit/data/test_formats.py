@@ -113,6 +113,18 @@ def test_dataset_info_sharegpt_system_column(tmp_path):
     assert ex.messages[0] == {"role": "system", "content": "Answer in French."}
 
 
+def test_dataset_info_custom_role_tags_system_included(tmp_path):
+    """LLaMA-Factory's `tags` name each role's value, the system's too (system_tag)."""
+    conv = [{"speaker": "sys", "text": "Be brief."}, {"speaker": "customer", "text": "Hi"},
+            {"speaker": "agent", "text": "Hello"}]
+    write(tmp_path / "c.json", json.dumps([{"dialog": conv}]))
+    write(tmp_path / "dataset_info.json", json.dumps({"cs": {"file_name": "c.json", "formatting": "sharegpt",
+        "columns": {"messages": "dialog"}, "tags": {"role_tag": "speaker", "content_tag": "text", "user_tag": "customer",
+                                                    "assistant_tag": "agent", "system_tag": "sys"}}}))
+    (ex,) = read_examples(f"{tmp_path}/dataset_info.json#cs")
+    assert [m["role"] for m in ex.messages] == ["system", "user", "assistant"] and ex.messages[0]["content"] == "Be brief."
+
+
 @pytest.mark.parametrize("tools", ['[{"name": "weather"}]', [{"name": "weather"}]])
 def test_tool_definitions_are_refused(tmp_path, tools):
     """Dropped silently, they would train calls to functions the model never saw defined."""
