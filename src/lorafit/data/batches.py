@@ -67,7 +67,7 @@ class Stream:
             flat = [i for k in range(first * per_step, last * per_step) for i in self.indices(k)]
             parts = balanced_groups([len(self.enc.input_ids[i]) for i in flat], (last - first) * per_step, cap=self.bs)
             # In dealt order the window's first step would hold its longest and shortest examples and its last the
-            # middling ones, every window: that regularity cost 1.3% validation loss (docs/distributed.md).
+            # middling ones, every window: that regularity cost 0.9-1.5% validation loss (docs/distributed.md).
             random.Random(self.seed * 1_000_003 + first).shuffle(parts)
             self._window = (key, [[flat[j] for j in part] for part in parts])
         offset = (step - first) * per_step
