@@ -44,7 +44,8 @@ def encode(tokenizer: Any, messages: list[dict[str, str]], *, max_length: int, t
     """Token ids, labels (-100 where no loss) and whether truncation happened.
 
     Rendering is cumulative: the text of messages[:k+1] extends that of messages[:k], so each turn's
-    tokens are the difference; assistant turns are supervised except their header.
+    tokens are the difference; assistant turns are supervised except their header (and turns whose
+    "weight" is 0).
     """
     msgs = _with_system(messages, system_prompt)
     first = next((m["role"] for m in msgs if m["role"] != "system"), None)
@@ -68,7 +69,7 @@ def encode(tokenizer: Any, messages: list[dict[str, str]], *, max_length: int, t
             if not (head.startswith(prev) and full.startswith(head)):
                 raise DataError("chat template is not prefix-consistent; use template: chatml", field="template")
             add(head[len(prev):], False)
-            add(full[len(head):], True)
+            add(full[len(head):], m.get("weight", 1) != 0)  # weight 0 (OpenAI's format): context, no loss
             prev = full
         else:
             full = tokenizer.apply_chat_template(msgs[: k + 1], tokenize=False)

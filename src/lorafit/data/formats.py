@@ -175,7 +175,14 @@ def _sharegpt(rec: dict, path: Path, line: int, columns: dict[str, str], tags: d
         if not isinstance(role, str) or role not in roles:
             raise DataError(f"unknown role {role!r}", file=str(path), line=line, field=f"{fname}.{role_tag}")
         content = _need_str(turn.get(content_tag), path, line, f"{fname}.{content_tag}")
-        msgs.append({"role": roles[role], "content": content})
+        msg = {"role": roles[role], "content": content}
+        if "weight" in turn:  # OpenAI's fine-tuning format: an assistant turn with weight 0 is context, not trained
+            w = turn["weight"]
+            if w not in (0, 1) or isinstance(w, bool) or roles[role] != "assistant":
+                raise DataError("weight must be 0 or 1, on an assistant turn", file=str(path), line=line,
+                                field=f"{fname}.weight")
+            msg["weight"] = int(w)
+        msgs.append(msg)
     if msgs[-1]["role"] != "assistant":
         raise DataError("conversation must end with an assistant turn", file=str(path), line=line, field=key)
     if not any(m["role"] == "user" for m in msgs):

@@ -59,3 +59,26 @@ def test_conversation_not_starting_with_user_is_a_data_error(tok):
     with pytest.raises(DataError, match="must start with a user turn") as e:
         encode_all(tok, [Example(msgs, "data.jsonl", 7)], cfg)
     assert (e.value.file, e.value.line) == ("data.jsonl", 7)
+
+
+def test_an_assistant_turn_of_weight_0_is_context_not_trained(tok, tmp_path):
+    """OpenAI's fine-tuning format: {"role": "assistant", "content": ..., "weight": 0}."""
+    import json
+
+    from lorafit.data import read_examples
+    from lorafit.errors import DataError
+
+    msgs = [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "Bad answer", "weight": 0},
+            {"role": "user", "content": "Q2"}, {"role": "assistant", "content": "Good answer", "weight": 1}]
+    p = tmp_path / "w.jsonl"
+    p.write_text(json.dumps({"messages": msgs}) + "\n")
+    (ex,) = read_examples(p)
+    ids, labels, _ = encode(tok, ex.messages, max_length=1024)
+    supervised = tok.decode([i for i, l in zip(ids, labels) if l != -100])
+    assert "Good answer" in supervised and "Bad answer" not in supervised
+    assert "Bad answer" in tok.decode(ids)  # still in the context
+    for bad in ({"role": "assistant", "content": "x", "weight": 0.5}, {"role": "user", "content": "x", "weight": 0}):
+        p.write_text(json.dumps({"messages": [{"role": "user", "content": "q"}, bad, {"role": "assistant", "content": "a"}]}) + "\n")
+        with pytest.raises(DataError, match="weight must be 0 or 1") as e:
+            read_examples(p)
+        assert e.value.field == "messages[1].weight"
