@@ -248,8 +248,10 @@ def _no_effect(name: str, saved: dict[str, Any], cfg: TrainConfig) -> bool:
     a step, one example a micro-batch, or packing."""
     if name != "balance_steps":
         return False
+    from .data.batches import deals
+
     per_step = (saved.get("global_batch_size") or 0) // max(cfg.batch_size, 1)
-    return cfg.packing or cfg.batch_size < 2 or per_step <= 1
+    return not deals(cfg.batch_size, per_step, 1, cfg.packing)
 
 
 def _accumulation_ok(saved: dict[str, Any], cfg: TrainConfig) -> bool:

@@ -14,7 +14,7 @@ from .chat import Encoded
 from .packing import collate
 from .packing import pack_batch, plan_packs
 
-__all__ = ["PackedStream", "Stream", "balanced_groups", "batch_tokens", "epoch_order"]
+__all__ = ["PackedStream", "Stream", "balanced_groups", "batch_tokens", "deals", "epoch_order"]
 
 
 def epoch_order(size: int, seed: int, epoch: int) -> list[int]:
@@ -45,8 +45,7 @@ class Stream:
         return self._order(epoch, self.n)[chunk * self.bs:(chunk + 1) * self.bs]
 
     def batch(self, k: int) -> dict[str, Any]:
-        idx = self.indices(k)
-        return collate([self.enc.input_ids[i] for i in idx], [self.enc.labels[i] for i in idx], self.pad)
+        return self.collate(self.indices(k))
 
     def step_groups(self, step: int, per_step: int, window_steps: int = 0, total: int | None = None) -> list[list[int]]:
         """Example indices of optimizer step `step`'s `per_step` micro-batches.
@@ -58,7 +57,7 @@ class Stream:
         window and not one step: four examples split two ways leave one process waiting ~1/20 of a step on
         Bitext; dealing eight steps' examples together halves that (docs/distributed.md). A pure function of
         (seed, step, per_step, window_steps, total): resumes and any number of processes see the same steps."""
-        if window_steps < 1 or per_step < 2 or self.bs < 2:  # one example a micro-batch: nothing to pair up
+        if not deals(self.bs, per_step, window_steps):
             return [self.indices(k) for k in range(step * per_step, (step + 1) * per_step)]
         first = step // window_steps * window_steps
         last = first + window_steps if total is None else max(min(first + window_steps, total), step + 1)
@@ -131,6 +130,13 @@ class PackedStream(Stream):
     def batch(self, k: int) -> dict[str, Any]:
         idx = self.indices(k)
         return pack_batch([self.enc.input_ids[i] for i in idx], [self.enc.labels[i] for i in idx], pad_id=self.pad)
+
+
+def deals(batch_size: int, per_step: int, window_steps: int, packing: bool = False) -> bool:
+    """Whether `Stream.step_groups` re-deals a step's examples: only with several micro-batches a step of at
+    least two examples each (one example a micro-batch leaves only whole steps to balance: length grouping)
+    and `balance_steps` >= 1; never packs."""
+    return not packing and window_steps >= 1 and per_step >= 2 and batch_size >= 2
 
 
 def balanced_groups(lengths: list[int], n: int, cap: int | None = None) -> list[list[int]]:

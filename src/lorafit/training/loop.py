@@ -28,7 +28,7 @@ from ..errors import ConfigError, TrainingError
 from ..model import apply_lora, assert_finite, load_model, load_tokenizer, pick_device, pick_dtype
 from . import checkpoint as C
 from . import dist
-from ..data.batches import PackedStream, Stream
+from ..data.batches import PackedStream, Stream, deals
 from .. import rundir
 from ..rundir import FolderLock, check_output_dir, finished
 from .runlog import JsonlLog
@@ -250,12 +250,13 @@ class Trainer:
         # The step's examples: several micro-batches a step are dealt over `balance_steps` steps into micro-batches
         # of near-equal tokens (Stream.step_groups); the bucketed step runs them as they are (one row each),
         # padded batches re-cut the same examples by length (Stream.padded).
-        dealing = 0 if cfg.packing else cfg.balance_steps
-        groups = self.stream.step_groups(step, plan.micro_batches_per_step, dealing, plan.total_steps)
+        dealing = deals(cfg.batch_size, plan.micro_batches_per_step, cfg.balance_steps, cfg.packing)
+        groups = self.stream.step_groups(step, plan.micro_batches_per_step, cfg.balance_steps if dealing else 0,
+                                         plan.total_steps)
         denom = sum(self.stream.supervised(g) for g in groups)
         if self.bucketed is not None:
             dealt = [self.stream.examples(g) for g in groups[rank::ws]]
-        elif dealing and plan.micro_batches_per_step > 1 and cfg.batch_size > 1:  # what step_groups deals
+        elif dealing:
             dealt = [self.stream.collate(g) for g in self.stream.padded(groups, ws)[rank::ws]]
         else:
             dealt = [self.stream.batch(k) for k in mine]
