@@ -18,6 +18,8 @@ Rows (`--rows`; `--checkpointing on` adds each with activation checkpointing, `+
   lorafit-fused  `lorafit.train` with `fused_kernels: true, cuda_graph: false` (the eager fused step).
   lorafit        `lorafit.train` with its defaults (fused kernels and, where the step allows, the bucketed
                  CUDA-graph step): what a user's `lorafit train` runs.
+  lorafit-fp8    the same with `quantize_base: fp8` (frozen GEMMs in FP8: a different computation; its
+                 losses are compared with the baseline's like every row's). Only when named in --rows.
 A lorafit row's figures are the run's own: tokens/s from the train records of its `log.jsonl` (logged
 every step), peak memory from its `end` event, the step it took from its `start` event (`step_kind`,
 `step_fallback`). The first `--warmup` steps (CUDA warm-up, graph captures) are not counted; a row's
@@ -51,6 +53,7 @@ ROWS: dict[str, dict[str, Any] | None] = {
     "lorafit-eager": {"fused_kernels": False},
     "lorafit-fused": {"fused_kernels": True, "cuda_graph": False},
     "lorafit": {},
+    "lorafit-fp8": {"quantize_base": "fp8", "fused_kernels": True},  # true: auto's choice on a GPU, and runs on CPU
 }
 
 
@@ -64,7 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--length", type=int, default=1024, help="tokens per row of a micro-batch (max_length)")
     ap.add_argument("--batch", type=int, default=2, help="rows per micro-batch (batch_size)")
     ap.add_argument("--checkpointing", nargs="?", const="on", default="off", choices=["off", "on", "both"])
-    ap.add_argument("--rows", default=",".join(ROWS), help=f"comma list of {', '.join(ROWS)}")
+    ap.add_argument("--rows", default=",".join(r for r in ROWS if r != "lorafit-fp8"),
+                    help=f"comma list of {', '.join(ROWS)} (default: all but lorafit-fp8)")
     ap.add_argument("--check-kernels", action="store_true", help="each kernel vs its reference on this GPU, at the model's sizes")
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     ap.add_argument("--work", default="/tmp/bench-speed", help="data and run folders")

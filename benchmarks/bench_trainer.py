@@ -44,7 +44,8 @@ from bench_nproc import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 HF_ROWS = {"hf": None, "liger": "liger_kernel", "trl": "trl"}  # row -> the package it needs beyond transformers
-LORAFIT_ROWS = {"lorafit-eager": {"fused_kernels": False}, "lorafit": {}, "lorafit-packing": {"packing": True}}
+LORAFIT_ROWS = {"lorafit-eager": {"fused_kernels": False}, "lorafit": {}, "lorafit-packing": {"packing": True},
+                "lorafit-fp8": {"quantize_base": "fp8"}}
 DEFAULT_ROWS = "hf,trl,liger,lorafit-eager,lorafit,lorafit-packing"
 
 

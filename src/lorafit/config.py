@@ -33,6 +33,7 @@ METRIC_MODES = ("llamafactory", "standard")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 AUGMENTATIONS = ("none", "prompt_variants", "word_dropout", "swap_adjacent")
 TRACKERS = ("tensorboard", "wandb", "mlflow")
+QUANTIZE_BASE = ("none", "fp8")
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -119,6 +120,12 @@ class TrainConfig:
                                    "the fused products from (seed, micro-batch)) and off elsewhere (CPU: nothing changes); "
                                    "true / false force it. Covers Llama, Qwen2 and Mistral; other architectures train on their own "
                                    "modules and loss (the start event says so).")
+    quantize_base: str = _f("none", "Frozen base weights in the fused LoRA products' GEMMs: 'none' (the model dtype) or "
+                            "'fp8' (e4m3 copies with row-wise scales, activations quantized per token: faster "
+                            "frozen GEMMs on Hopper, docs/speed.md). A different computation, like "
+                            "QLoRA's quantized base: the adapter trains against the quantized base (its loss is "
+                            "measured beside bf16's in docs/speed.md). Needs the fused kernels and a GPU with FP8 "
+                            "tensor cores (compute capability 8.9+); the copies add the bf16 weights' bytes again.")
     cuda_graph: bool | str = _f("auto", "With fused kernels: each micro-batch's examples (a padded batch's rows, or a "
                                 "pack) run as one padding-free row filled to a length bucket (a multiple of 128; rows of one "
                                 "length that fill it exactly stay rows), its forward and backward replayed from a CUDA "
@@ -196,6 +203,10 @@ class TrainConfig:
                 bad("augment", f"unknown augmentation {short(a)}; expected some of {AUGMENTATIONS[1:]}")
         if self.general_ratio > 0 and not self.general_data:
             bad("general_ratio", "is > 0 but general_data lists no files")
+        if self.quantize_base not in QUANTIZE_BASE:
+            bad("quantize_base", f"must be one of {QUANTIZE_BASE}, got {short(self.quantize_base)}")
+        if self.quantize_base == "fp8" and self.fused_kernels is False:
+            bad("quantize_base", "fp8 runs inside lorafit's fused kernels; it needs fused_kernels: auto or true")
         if self.distributed not in ("auto", "ddp", "fsdp"):
             bad("distributed", f"must be auto, ddp or fsdp, got {short(self.distributed)}")
         refused = fused_kernels_refused(self.fused_kernels, self.distributed)

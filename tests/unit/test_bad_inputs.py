@@ -93,6 +93,8 @@ CONFIG_CASES = [
     ("unknown_format", "configs/unknown_format.yaml", 4, "format", "unknown format 'parquet'"),
     ("bad_scheduler", "configs/bad_scheduler.yaml", 4, "lr_scheduler", "got 'exponential'"),
     ("unknown_augment", "configs/unknown_augment.yaml", 4, "augment", "unknown augmentation 'back_translation'"),
+    ("quantize_base_unknown", "configs/quantize_base_unknown.yaml", 4, "quantize_base", "must be one of ('none', 'fp8'), got 'nf4'"),
+    ("quantize_base_unfused", "configs/quantize_base_unfused.yaml", 4, "quantize_base", "needs fused_kernels: auto or true"),
     ("columns_not_mapping", "configs/columns_not_mapping.yaml", 4, "columns", "expected dict[str, str]"),
     ("general_ratio_no_data", "configs/general_ratio_no_data.yaml", 4, "general_ratio", "general_data lists no files"),
     ("invalid_yaml", "configs/invalid_yaml.yaml", 4, None, "invalid YAML"),

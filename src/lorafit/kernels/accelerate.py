@@ -24,8 +24,9 @@ from torch import nn
 
 from .cross_entropy import fused_causal_lm_loss
 from .dropout import DropoutSeed
+from .fp8 import Fp8Weights
 from .lora import AdapterCache
-from .modules import FusedAttention, FusedMLP, FusedRMSNorm
+from .modules import FusedAttention, FusedMLP, FusedRMSNorm, lora_proj
 from .rmsnorm import add_rms_norm
 
 __all__ = ["Accelerated", "Acceleration", "accelerate_model", "accelerated", "causal_lm_loss", "decoder_forward",
@@ -61,6 +62,7 @@ class Acceleration:
     sdpa_backend: str | None = None
     checkpointed_ce_chunk: int | None = None
     adapter_cache: bool = False
+    fp8_base: bool = False
 
     def ce_rows(self, vocab: int, checkpointed: bool) -> int:
         """Rows of logits per cross-entropy chunk: ce_chunk, else checkpointed_ce_chunk under
@@ -98,16 +100,19 @@ class Accelerated:
         handle.restore()                   # the original modules back, as restore_model(model)
 
     It owns the dropout seed (`DropoutSeed`, a device counter the fused LoRA products read), the adapter
-    cache (`AdapterCache`) and the pre-forward hook on the decoder that advances the one and refreshes the
-    other once per forward (a captured CUDA graph replays the hook's work too: new masks every replay).
+    cache (`AdapterCache`), the FP8 copies of the frozen weights (`fp8_weights`, with fp8_base) and the
+    pre-forward hook on the decoder that advances the seed and refreshes the cache once per forward (a
+    captured CUDA graph replays the hook's work too: new masks every replay).
     """
 
     def __init__(self, model: nn.Module, causal: nn.Module, acceleration: Acceleration,
-                 dropout_seed: DropoutSeed | None, adapter_cache: AdapterCache | None) -> None:
+                 dropout_seed: DropoutSeed | None, adapter_cache: AdapterCache | None,
+                 fp8_weights: Fp8Weights | None = None) -> None:
         self._model, self._causal = weakref.ref(model), weakref.ref(causal)
         self.acceleration = acceleration
         self.dropout_seed = dropout_seed
         self.adapter_cache = adapter_cache
+        self.fp8_weights = fp8_weights
         self._hook = None
         if dropout_seed is not None or adapter_cache is not None:
             self._hook = causal.model.register_forward_pre_hook(lambda *_: self.before_forward())
@@ -155,7 +160,7 @@ def accelerate_model(model: nn.Module, *, fused_lora: bool = True, fused_norm: b
                      shared_dropout: bool = True, ce_chunk: int | None = None,
                      seeded_dropout: bool = False, fused_residual: bool = False, sdpa_backend: str | None = None,
                      checkpointed_ce_chunk: int | None = 256, adapter_cache: bool = True,
-                     max_positions: int | None = None) -> nn.Module:
+                     max_positions: int | None = None, fp8_base: bool = False) -> nn.Module:
     """Swap the decoder's attention, MLP and norms of `model` (PeftModel or *ForCausalLM) for fused ones.
 
     fused_lora: one pass over each shared input for its LoRA projections, in the model dtype.
@@ -183,6 +188,9 @@ def accelerate_model(model: nn.Module, *, fused_lora: bool = True, fused_norm: b
     max_positions: the longest span one token can attend over in this use (the trainer: max_length). An
         attention layer with a sliding window shorter than that (or any window, when unknown) is left as it
         is: the fused attention does not apply windows.
+    fp8_base: the fused LoRA products run their frozen GEMMs in FP8 (e4m3, row-wise scales) from copies of
+        the frozen weights made here (`lorafit.kernels.fp8`; they hold as many bytes as the bf16 weights,
+        which stay for generation and merging). A different computation from the model dtype's.
     Only the causal LMs in CAUSAL_LM are accelerated; any other model is left as it is (`swapped` 0, no
     fused cross-entropy). Calling it again re-applies from the original modules with the new flags.
     Returns `model`, swapped in place; `accelerated(model)` is its handle.
@@ -194,6 +202,7 @@ def accelerate_model(model: nn.Module, *, fused_lora: bool = True, fused_norm: b
         return model
     seed = DropoutSeed(next(causal.parameters()).device) if seeded_dropout else None
     cache = AdapterCache() if adapter_cache else None
+    fp8 = Fp8Weights() if fp8_base else None
     swapped = 0
     for index, layer in enumerate(_layers(causal)):
         attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
@@ -206,13 +215,13 @@ def accelerate_model(model: nn.Module, *, fused_lora: bool = True, fused_norm: b
                                              varlen=varlen_attention, shared_dropout=shared_dropout,
                                              sdpa_backend=sdpa_backend)
             layer.self_attn.dropout_seed, layer.self_attn.dropout_site = seed, index
-            layer.self_attn.adapter_cache = cache
+            layer.self_attn.adapter_cache, layer.self_attn.fp8_weights = cache, fp8
             swapped += 1
         act = getattr(getattr(mlp, "config", None), "hidden_act", None)
         if type(mlp).__name__ in MLP and act in ("silu", "swish"):
             layer.mlp = FusedMLP(mlp, fused_lora=fused_lora, fused_swiglu=fused_swiglu, shared_dropout=shared_dropout)
             layer.mlp.dropout_seed, layer.mlp.dropout_site = seed, index
-            layer.mlp.adapter_cache = cache
+            layer.mlp.adapter_cache, layer.mlp.fp8_weights = cache, fp8
             swapped += 1
         for name in ("input_layernorm", "post_attention_layernorm"):
             norm = getattr(layer, name, None)
@@ -227,9 +236,21 @@ def accelerate_model(model: nn.Module, *, fused_lora: bool = True, fused_norm: b
         fused_lora=fused_lora, fused_norm=fused_norm, fused_rope=fused_rope, fused_swiglu=fused_swiglu,
         fused_ce=fused_ce, varlen_attention=varlen_attention, shared_dropout=shared_dropout, ce_chunk=ce_chunk,
         seeded_dropout=seeded_dropout, swapped=swapped, fused_residual=fused_residual, sdpa_backend=sdpa_backend,
-        checkpointed_ce_chunk=checkpointed_ce_chunk, adapter_cache=adapter_cache)
-    _HANDLES[causal] = Accelerated(model, causal, acceleration, seed, cache)
+        checkpointed_ce_chunk=checkpointed_ce_chunk, adapter_cache=adapter_cache, fp8_base=fp8_base)
+    if fp8 is not None:  # the copies now, once: never inside a captured step
+        _prepare_fp8(causal, fp8)
+    _HANDLES[causal] = Accelerated(model, causal, acceleration, seed, cache, fp8)
     return model
+
+
+def _prepare_fp8(causal: nn.Module, fp8: Fp8Weights) -> None:
+    for layer in _layers(causal):
+        for block in (getattr(layer, "self_attn", None), getattr(layer, "mlp", None)):
+            if isinstance(block, (FusedAttention, FusedMLP)):
+                for child in block.children():
+                    spec = lora_proj(child)
+                    if spec is not None and spec[0].lora_A is not None:
+                        fp8.get(spec[0].weight)
 
 
 def restore_model(model: nn.Module) -> nn.Module:

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from ._triton import use_triton
 from .dropout import dropout_matmul, dropout_matmul_t, matmul_dropout
+from .fp8 import Fp8Weight, Fp8Weights, fp8_matmul, quantize_rows
 
 __all__ = ["AdapterCache", "LoraProj", "lora_group", "lora_group_reference"]
 
@@ -102,7 +103,7 @@ class AdapterCache:
 class _LoraGroupFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, mask: torch.Tensor | None, p: float, scalings: tuple[float, ...],
-                seed: torch.Tensor | None, site: int, cast: tuple | None,
+                seed: torch.Tensor | None, site: int, cast: tuple | None, fp8: tuple[Fp8Weight, ...] | None,
                 *params: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
         k = len(scalings)
         weights, biases, a_s, b_s = params[:k], params[k:2 * k], params[2 * k:3 * k], params[3 * k:]
@@ -132,19 +133,27 @@ class _LoraGroupFn(torch.autograd.Function):
             if s0 != 1.0:
                 u.mul_(s0)
         ranks = [a.shape[0] for a in a_s]
+        x8 = quantize_rows(x2) if fp8 is not None else None  # once for the group's frozen GEMMs
         outs, b_used, off = [], [], 0
-        for w, bias, b, s, r in zip(weights, biases, b_cast, scalings, ranks):
+        for i, (w, bias, b, s, r) in enumerate(zip(weights, biases, b_cast, scalings, ranks)):
             bs = b if folded else b * s
-            # The small product is written first and the frozen GEMM adds to it in its epilogue: y is
-            # written once and read once, where GEMM-then-addmm_ writes it twice and reads it once.
             ub = u[:, off:off + r]
-            y = torch.mm(ub, bs.t()) if bias is None else torch.addmm(bias, ub, bs.t())
-            y.addmm_(x2, w.t())
+            if x8 is not None:  # FP8 GEMMs cannot accumulate into y: the small product adds to their output
+                y = fp8_matmul(*x8, fp8[i].w, fp8[i].w_scale, dt)
+                y.addmm_(ub, bs.t())
+                if bias is not None:
+                    y.add_(bias)
+            else:
+                # The small product is written first and the frozen GEMM adds to it in its epilogue: y is
+                # written once and read once, where GEMM-then-addmm_ writes it twice and reads it once.
+                y = torch.mm(ub, bs.t()) if bias is None else torch.addmm(bias, ub, bs.t())
+                y.addmm_(x2, w.t())
             outs.append(y.view(*lead, y.shape[-1]))
             b_used.append(bs)
             off += r
         ctx.save_for_backward(xd, mask, u, a_cat, seed if seeded else None, *weights, *b_used)
         ctx.meta = (k, p, scalings, ranks, x.shape, [a.dtype for a in a_s], [b.dtype for b in b_s], site, folded)
+        ctx.fp8 = fp8
         return tuple(outs)
 
     @staticmethod
@@ -178,8 +187,13 @@ class _LoraGroupFn(torch.autograd.Function):
                 d_a_cat.mul_(alpha)
         d_a = [g.to(dt) for g, dt in zip(d_a_cat.split(ranks), a_dtypes)]
         if need_x:
-            for dy, w in zip(flat, weights):
-                if dy is not None:
+            for i, (dy, w) in enumerate(zip(flat, weights)):
+                if dy is None:
+                    continue
+                if ctx.fp8 is not None:
+                    part = fp8_matmul(*quantize_rows(dy), ctx.fp8[i].wt, ctx.fp8[i].wt_scale, dy.dtype)
+                    dx = part if dx is None else dx.add_(part)
+                else:
                     dx = dy @ w if dx is None else dx.addmm_(dy, w)
             if seed is None:
                 if dx is None:
@@ -189,7 +203,7 @@ class _LoraGroupFn(torch.autograd.Function):
                 else:
                     dx.addcmul_(du @ a_cat, mask, value=alpha / (1.0 - p))
             dx = dx.view(x_shape)
-        return (dx, None, None, None, None, None, None, *([None] * (2 * k)), *d_a, *d_b)
+        return (dx, None, None, None, None, None, None, None, *([None] * (2 * k)), *d_a, *d_b)
 
 
 def _plain(t: torch.Tensor) -> bool:
@@ -199,14 +213,15 @@ def _plain(t: torch.Tensor) -> bool:
 
 def lora_group(x: torch.Tensor, projs: Sequence[LoraProj], dropout: float = 0.0, training: bool = True,
                mask: torch.Tensor | None = None, seed: tuple[torch.Tensor, int] | None = None,
-               cache: AdapterCache | None = None) -> list[torch.Tensor]:
+               cache: AdapterCache | None = None, fp8: Fp8Weights | None = None) -> list[torch.Tensor]:
     """y_i = x W_i^T + b_i + s_i D(x) A_i^T B_i^T for every projection, sharing x and one dropout mask.
 
     Projections without an adapter are plain frozen linears. `mask` (bool, shape of x) replaces the
     random draw, for tests. `seed` = (DropoutSeed.value, call site) draws the mask with the seeded
     Triton dropout instead (see lorafit.kernels.dropout; ignored where Triton cannot run). `cache`
-    supplies the adapters already cast (plain tensors only, not DTensor shards). Works on any device and dtype; on GPU every
-    product hits tensor cores.
+    supplies the adapters already cast (plain tensors only, not DTensor shards). `fp8` runs the adapted
+    projections' frozen GEMMs in FP8 from its copies of their weights (`lorafit.kernels.fp8`; a different
+    computation from the model dtype's). Works on any device and dtype; on GPU every product hits tensor cores.
     """
     adapted = [i for i, pr in enumerate(projs) if pr.lora_A is not None]
     outs: list[torch.Tensor | None] = [None] * len(projs)
@@ -219,8 +234,9 @@ def lora_group(x: torch.Tensor, projs: Sequence[LoraProj], dropout: float = 0.0,
         seed_t, site = seed if seed is not None and mask is None and use_triton(x) else (None, 0)
         a_s, b_s = [pr.lora_A for pr in group], [pr.lora_B for pr in group]
         cast = cache.get(a_s, b_s, x.dtype) if cache is not None and all(_plain(t) for t in a_s + b_s) else None
+        fp8_ws = None if fp8 is None else tuple(fp8.get(pr.weight) for pr in group)
         ys = _LoraGroupFn.apply(x, mask if p > 0 else None, p, tuple(float(pr.scaling) for pr in group),
-                                seed_t, site, cast, *[pr.weight for pr in group], *[pr.bias for pr in group],
+                                seed_t, site, cast, fp8_ws, *[pr.weight for pr in group], *[pr.bias for pr in group],
                                 *a_s, *b_s)
         for i, y in zip(adapted, ys):
             outs[i] = y

@@ -16,6 +16,7 @@ from torch import nn
 
 from .attention import causal_attention, varlen_attention
 from .dropout import DropoutSeed
+from .fp8 import Fp8Weights
 from .lora import AdapterCache, LoraProj, lora_group
 from .rmsnorm import rms_norm
 from .rotary import rope_qk, rope_reference
@@ -55,11 +56,12 @@ def lora_proj(module: nn.Module) -> tuple[LoraProj, float, bool] | None:
 
 
 def project(x: torch.Tensor, modules: Sequence[nn.Module], fused: bool, shared_dropout: bool,
-            seed: DropoutSeed | None = None, site: int = 0, cache: AdapterCache | None = None) -> list[torch.Tensor]:
+            seed: DropoutSeed | None = None, site: int = 0, cache: AdapterCache | None = None,
+            fp8: Fp8Weights | None = None) -> list[torch.Tensor]:
     """Every module applied to x: one fused LoRA group when possible, else each module's own forward.
 
     With a DropoutSeed the masks are seeded (call site `site`, or 8 * site + i per projection when
-    the projections keep independent masks)."""
+    the projections keep independent masks). With `fp8` the adapted projections' frozen GEMMs run in FP8."""
     specs = [lora_proj(m) for m in modules] if fused else [None]
     if any(s is None for s in specs):
         return [m(x) for m in modules]
@@ -67,8 +69,9 @@ def project(x: torch.Tensor, modules: Sequence[nn.Module], fused: bool, shared_d
     if shared_dropout and len(adapted) <= 1:
         p, on = adapted.pop() if adapted else (0.0, False)
         return lora_group(x, [s[0] for s in specs], p, on,  # type: ignore[index]
-                          seed=None if seed is None else (seed.value, site), cache=cache)
-    return [lora_group(x, [pr], p, on, seed=None if seed is None else (seed.value, 8 * site + i), cache=cache)[0]
+                          seed=None if seed is None else (seed.value, site), cache=cache, fp8=fp8)
+    return [lora_group(x, [pr], p, on, seed=None if seed is None else (seed.value, 8 * site + i), cache=cache,
+                       fp8=fp8)[0]
             for i, (pr, p, on) in enumerate(specs)]  # type: ignore[misc]
 
 
@@ -84,6 +87,7 @@ class _Fused(nn.Module):
     dropout_seed: DropoutSeed | None = None  # set by accelerate_model(seeded_dropout=True)
     dropout_site: int = 0
     adapter_cache: AdapterCache | None = None  # set by accelerate_model(adapter_cache=True)
+    fp8_weights: Fp8Weights | None = None  # set by accelerate_model(fp8_base=True)
 
     def _keep_reference(self, orig: nn.Module) -> None:
         object.__setattr__(self, "reference_module", orig)
@@ -125,7 +129,8 @@ class FusedAttention(_Fused):
                                            attention_mask=attention_mask, **kwargs)
         b, s, _ = hidden_states.shape
         q, k, v = project(hidden_states, (self.q_proj, self.k_proj, self.v_proj), self.fused_lora,
-                          self.shared_dropout, self.dropout_seed, 4 * self.dropout_site, self.adapter_cache)
+                          self.shared_dropout, self.dropout_seed, 4 * self.dropout_site, self.adapter_cache,
+                          self.fp8_weights)
         q, k, v = (t.view(b, s, -1, self.head_dim) for t in (q, k, v))
         cos, sin = position_embeddings
         if self.fused_rope:
@@ -147,7 +152,7 @@ class FusedAttention(_Fused):
                           **extra, **rest)
         o = o.reshape(b, s, -1)
         return project(o, (self.o_proj,), self.fused_lora, self.shared_dropout, self.dropout_seed,
-                       4 * self.dropout_site + 1, self.adapter_cache)[0], None
+                       4 * self.dropout_site + 1, self.adapter_cache, self.fp8_weights)[0], None
 
 
     def _windowed(self, span: int) -> bool:
@@ -175,10 +180,10 @@ class FusedMLP(_Fused):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g, u = project(x, (self.gate_proj, self.up_proj), self.fused_lora, self.shared_dropout, self.dropout_seed,
-                       4 * self.dropout_site + 2, self.adapter_cache)
+                       4 * self.dropout_site + 2, self.adapter_cache, self.fp8_weights)
         a = swiglu(g, u) if self.fused_swiglu else swiglu_reference(g, u)
         return project(a, (self.down_proj,), self.fused_lora, self.shared_dropout, self.dropout_seed,
-                       4 * self.dropout_site + 3, self.adapter_cache)[0]
+                       4 * self.dropout_site + 3, self.adapter_cache, self.fp8_weights)[0]
 
 
 class FusedRMSNorm(_Fused):

@@ -35,7 +35,7 @@ from .runlog import JsonlLog
 from .schedule import lr_at
 from .graphstep import BucketedStep
 from .optim import FlatAdamW
-from .plan import _check_seeded_dropout_size, make_plan, resolve_fused, step_kind, varlen_ready
+from .plan import _check_seeded_dropout_size, check_fp8, make_plan, resolve_fused, step_kind, varlen_ready
 from .state import LoopState, PendingStep, TrainResult
 from .step import FusedLoss, evaluate_loss, loss_sum  # loss_sum: looked up here per micro-batch (tests patch it)
 
@@ -98,6 +98,8 @@ class Trainer:
             raise ConfigError(f"{refused}; FSDP was chosen for a model of {dist.model_bytes(base) / 2**30:.1f} GiB",
                               field="fused_kernels")
         self.fused = resolve_fused(cfg.fused_kernels, device, self.strategy)
+        if cfg.quantize_base == "fp8":
+            check_fp8(self.fused, device, self.strategy)
         if self.strategy != "fsdp":
             base.to(device)
         if cfg.gradient_checkpointing:
@@ -114,7 +116,7 @@ class Trainer:
             # max_positions: no token attends past its own example, at most max_length tokens (packs attend
             # per example), so a sliding window at least that long never cuts and the layer may be fused.
             model = accelerate_model(model, seeded_dropout=use_triton(torch.empty(0, device=device)),
-                                     max_positions=cfg.max_length)
+                                     max_positions=cfg.max_length, fp8_base=cfg.quantize_base == "fp8")
             self.kernels = accelerated(model)
             self.dropout_seed = self.kernels.dropout_seed
             if self.kernels.acceleration.swapped == 0:  # an architecture the fused kernels do not cover
@@ -122,6 +124,10 @@ class Trainer:
                 self.kernels = self.dropout_seed = None
                 self.fused = False
                 unsupported = f"no fused kernels for {type(model.get_base_model()).__name__}"
+                if cfg.quantize_base == "fp8":
+                    raise ConfigError(f"fp8 runs inside lorafit's fused kernels, which do not cover "
+                                      f"{type(model.get_base_model()).__name__} (they cover Llama, Qwen2 and Mistral)",
+                                      field="quantize_base")
             if self.dropout_seed is not None and cfg.lora_dropout > 0:
                 _check_seeded_dropout_size(cfg, model.get_base_model().config)
         self.peft_model = model
@@ -200,7 +206,8 @@ class Trainer:
                 learning_rate=cfg.learning_rate, distributed=self.strategy, device=str(self.device),
                 micro_batches_per_epoch=plan.micro_batches_per_epoch, packing=bool(cfg.packing),
                 fused_kernels=self.fused, step_kind=self.step_kind,
-                **({"step_fallback": self.step_reason} if self.step_reason else {})))
+                **({"step_fallback": self.step_reason} if self.step_reason else {}),
+                **({"fp8_copies_gib": round(fp8.nbytes / 2**30, 6)} if (fp8 := self.fp8_weights()) else {})))
         log.info("effective warmup: %d of %d steps (max(warmup_steps=%d, ceil(%.3g x %d)))",
                  plan.warmup_steps, plan.total_steps, cfg.warmup_steps, cfg.warmup_ratio, plan.total_steps)
         log.info("%d training examples (%d general), %d truncated to max_length=%d; global batch %d "
@@ -208,6 +215,10 @@ class Trainer:
                  self.enc.n_truncated, cfg.max_length, plan.global_batch_size, cfg.batch_size,
                  cfg.gradient_accumulation_steps, plan.world_size)
         return ckpt
+
+    def fp8_weights(self) -> Any:
+        """The FP8 copies of the frozen weights (`quantize_base: fp8`), or None."""
+        return getattr(self.kernels, "fp8_weights", None) if self.kernels is not None else None
 
     # --- the loop's three pieces
     def evaluate(self, step: int) -> bool:

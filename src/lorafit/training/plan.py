@@ -59,6 +59,22 @@ def resolve_fused(setting: bool | str, device: torch.device, strategy: str) -> b
     return importlib.util.find_spec("triton") is not None
 
 
+def check_fp8(fused: bool, device: torch.device, strategy: str) -> None:
+    """`quantize_base: fp8` where it cannot run is a config error (exit 2), not a silent bf16 run: it needs
+    the fused kernels (not FSDP) and FP8 matrix products on the device."""
+    if not fused:
+        why = ("fused_kernels: auto turns them off on CPU (true turns them on there: slow, for tests)"
+               if device.type != "cuda" else "the fused kernels are off")
+        if strategy == "fsdp":
+            why = "the fused kernels do not run under FSDP"
+        raise ConfigError(f"fp8 runs inside lorafit's fused kernels; {why}", field="quantize_base")
+    from ..kernels.fp8 import fp8_supported
+
+    why = fp8_supported(device)
+    if why:
+        raise ConfigError(why, field="quantize_base")
+
+
 def step_kind(cfg: TrainConfig, fused: bool, device: torch.device, strategy: str, seeded: bool) -> tuple[str, str]:
     """Which micro-batch step the run takes, and why not a faster one (logged once, in the start event):
     'cuda_graph' (bucketed, replayed), 'bucketed' (the same step without capture), 'eager_fused', 'eager'."""
