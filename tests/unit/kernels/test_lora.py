@@ -10,6 +10,10 @@ from lorafit.kernels._triton import use_triton
 from .helpers import DEV, TOL, as64, leaf, needs_triton, rel
 
 
+# The seeded products are Triton dots: on a GPU they take float32 operands as TF32 (10-bit mantissas)
+SEEDED_TOL = 1e-5 if DEV.type == "cpu" else 2e-3
+
+
 def _projs(dtype: torch.dtype, n_in: int = 24) -> list[LoraProj]:
     out = []
     for n_out, r, bias in ((24, 4, True), (8, 2, False), (8, 4, False)):
@@ -69,8 +73,8 @@ def test_seeded_dropout_group_matches_reference_with_its_mask() -> None:
                     *as64(pr.lora_A, pr.lora_B), pr.scaling) for pr in projs]
     yr = lora_group_reference(x64, ref, 0.3, True, mask=mask)
     torch.autograd.backward(yr, [g.double() for g in upstream])
-    assert all(rel(a, b) < 1e-5 for a, b in zip(ys, yr)) and rel(x.grad, x64.grad) < 1e-5
-    assert all(rel(pr.lora_A.grad, r.lora_A.grad) < 1e-5 for pr, r in zip(projs, ref))
+    assert all(rel(a, b) < SEEDED_TOL for a, b in zip(ys, yr)) and rel(x.grad, x64.grad) < SEEDED_TOL
+    assert all(rel(pr.lora_A.grad, r.lora_A.grad) < SEEDED_TOL for pr, r in zip(projs, ref))
 
 
 @pytest.mark.parametrize("seeded", [True, False])
@@ -97,6 +101,7 @@ def test_group_with_unequal_scalings_matches_reference(seeded: bool) -> None:
     xr = x.detach().clone().requires_grad_(True)
     yr = lora_group_reference(xr, ref, 0.2, True, mask=mask)
     torch.autograd.backward(yr, upstream)
-    assert all(rel(a, b) < 1e-5 for a, b in zip(ys, yr)) and rel(x.grad, xr.grad) < 1e-5
-    assert all(rel(pr.lora_B.grad, r_.lora_B.grad) < 1e-5 and rel(pr.lora_A.grad, r_.lora_A.grad) < 1e-5
+    tol = SEEDED_TOL if seeded else 1e-5
+    assert all(rel(a, b) < tol for a, b in zip(ys, yr)) and rel(x.grad, xr.grad) < tol
+    assert all(rel(pr.lora_B.grad, r_.lora_B.grad) < tol and rel(pr.lora_A.grad, r_.lora_A.grad) < tol
                for pr, r_ in zip(projs, ref))
