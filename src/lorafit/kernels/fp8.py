@@ -144,7 +144,11 @@ class Fp8Weights:
     def __init__(self) -> None:
         self._copies: dict[int, tuple[torch.Tensor, Fp8Weight]] = {}
 
-    def get(self, weight: torch.Tensor) -> Fp8Weight:
+    def get(self, weight: torch.Tensor) -> Fp8Weight | None:
+        """The copies of `weight`; None for a shape FP8 GEMMs do not take (a side not a multiple of 16),
+        which then keeps its model-dtype product."""
+        if weight.shape[0] % 16 or weight.shape[1] % 16:
+            return None
         entry = self._copies.get(id(weight))
         if entry is None or entry[0] is not weight:
             entry = (weight, Fp8Weight.of(weight))

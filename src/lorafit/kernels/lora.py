@@ -103,7 +103,7 @@ class AdapterCache:
 class _LoraGroupFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, mask: torch.Tensor | None, p: float, scalings: tuple[float, ...],
-                seed: torch.Tensor | None, site: int, cast: tuple | None, fp8: tuple[Fp8Weight, ...] | None,
+                seed: torch.Tensor | None, site: int, cast: tuple | None, fp8: tuple[Fp8Weight | None, ...] | None,
                 *params: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
         k = len(scalings)
         weights, biases, a_s, b_s = params[:k], params[k:2 * k], params[2 * k:3 * k], params[3 * k:]
@@ -133,12 +133,14 @@ class _LoraGroupFn(torch.autograd.Function):
             if s0 != 1.0:
                 u.mul_(s0)
         ranks = [a.shape[0] for a in a_s]
+        if fp8 is not None and all(f is None for f in fp8):
+            fp8 = None
         x8 = quantize_rows(x2) if fp8 is not None else None  # once for the group's frozen GEMMs
         outs, b_used, off = [], [], 0
         for i, (w, bias, b, s, r) in enumerate(zip(weights, biases, b_cast, scalings, ranks)):
             bs = b if folded else b * s
             ub = u[:, off:off + r]
-            if x8 is not None:  # FP8 GEMMs cannot accumulate into y: the small product adds to their output
+            if x8 is not None and fp8[i] is not None:  # FP8 GEMMs cannot accumulate into y: the small product adds
                 y = fp8_matmul(*x8, fp8[i].w, fp8[i].w_scale, dt)
                 y.addmm_(ub, bs.t())
                 if bias is not None:
@@ -190,7 +192,7 @@ class _LoraGroupFn(torch.autograd.Function):
             for i, (dy, w) in enumerate(zip(flat, weights)):
                 if dy is None:
                     continue
-                if ctx.fp8 is not None:
+                if ctx.fp8 is not None and ctx.fp8[i] is not None:
                     part = fp8_matmul(*quantize_rows(dy), ctx.fp8[i].wt, ctx.fp8[i].wt_scale, dy.dtype)
                     dx = part if dx is None else dx.add_(part)
                 else:

@@ -54,6 +54,17 @@ def test_weight_copies_serve_forward_and_backward() -> None:
     assert torch.allclose(f.wt_scale.view(-1), w.abs().amax(0) / E4M3_MAX)
     cache = Fp8Weights()
     assert cache.get(w) is cache.get(w) and len(cache) == 1 and cache.nbytes == f.nbytes()
+    assert cache.get(torch.randn(24, 48, device=DEV)) is None and len(cache) == 1  # FP8 GEMMs want sides of 16k
+
+
+def test_a_projection_fp8_cannot_take_keeps_its_model_dtype_product() -> None:
+    torch.manual_seed(2)
+    projs, x = _projs(), leaf(2, 5, 48)
+    odd = LoraProj(torch.randn(24, 48, device=DEV), None, leaf(4, 48, scale=0.3), leaf(24, 4, scale=0.3), 2.0)
+    ys8, _, dx8, _ = _group(x, projs + [odd], Fp8Weights())
+    ys, _, dx, _ = _group(x, projs + [odd], None)
+    assert rel(ys8[3], ys[3]) < EXACT and all(0 < rel(a, b) < 0.08 for a, b in zip(ys8[:3], ys[:3]))
+    assert 0 < rel(dx8, dx) < 0.08
 
 
 def _projs() -> list[LoraProj]:

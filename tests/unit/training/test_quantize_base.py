@@ -27,7 +27,7 @@ def _log(run):
 
 
 @pytest.mark.skipif(fp8_supported("cpu") is not None, reason="this torch has no FP8 products on CPU")
-@pytest.mark.parametrize("cuda_graph", [False, True], ids=["eager-fused", "bucketed"])
+@pytest.mark.parametrize("cuda_graph", [True], ids=["bucketed"])  # the eager fused step: tests/unit/kernels/test_fp8.py
 def test_fp8_base_trains_near_the_model_dtype(tmp_path, tiny_model_dir, cuda_graph):
     plain = loop.train(_cfg(tmp_path, tiny_model_dir, "plain", cuda_graph=cuda_graph), progress=False)
     fp8 = loop.train(_cfg(tmp_path, tiny_model_dir, "fp8", cuda_graph=cuda_graph, quantize_base="fp8"), progress=False)
