@@ -118,7 +118,7 @@ class TrainConfig:
     fused_kernels: bool | str = _f("auto", "lorafit's fused LoRA, norm, rotary, SwiGLU and cross-entropy kernels: 'auto' "
                                    "(default) turns them on where CUDA and Triton run (then LoRA dropout is drawn inside "
                                    "the fused products from (seed, micro-batch)) and off elsewhere (CPU: nothing changes); "
-                                   "true / false force it. Covers Llama, Qwen2 and Mistral; other architectures train on their own "
+                                   "true / false force it. Covers Llama, Qwen2, Qwen3 and Mistral; other architectures train on their own "
                                    "modules and loss (the start event says so).")
     quantize_base: str = _f("none", "Frozen base weights in the fused LoRA products' GEMMs: 'none' (the model dtype) or "
                             "'fp8' (e4m3 copies with row-wise scales, activations quantized per token; on an H200 an 8B model's "

@@ -32,14 +32,14 @@ from .rmsnorm import add_rms_norm
 __all__ = ["Accelerated", "Acceleration", "accelerate_model", "accelerated", "causal_lm_loss", "decoder_forward",
            "fused_layer_body", "restore_model"]
 
-ATTENTION = ("LlamaAttention", "Qwen2Attention", "MistralAttention")
-MLP = ("LlamaMLP", "Qwen2MLP", "MistralMLP")
-NORM = ("LlamaRMSNorm", "Qwen2RMSNorm", "MistralRMSNorm")
-LAYER = ("LlamaDecoderLayer", "Qwen2DecoderLayer", "MistralDecoderLayer")
+ATTENTION = ("LlamaAttention", "Qwen2Attention", "Qwen3Attention", "MistralAttention")
+MLP = ("LlamaMLP", "Qwen2MLP", "Qwen3MLP", "MistralMLP")
+NORM = ("LlamaRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "MistralRMSNorm")
+LAYER = ("LlamaDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer", "MistralDecoderLayer")
 # The causal LMs whose logits are exactly lm_head(final hidden state): the fused cross-entropy computes that.
 # Others may transform them (Gemma2's soft-capping, Granite's and Cohere's logit scales) or lack the decoder
 # layout the fused modules assume (GPT-2, GPT-NeoX, Falcon): they are left as they are.
-CAUSAL_LM = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
+CAUSAL_LM = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM")
 CE_CHUNK_ELEMENTS = 1 << 27  # logits in one cross-entropy chunk by default: 256 MiB in bf16
 _FUSED = (FusedAttention, FusedMLP, FusedRMSNorm)
 

@@ -1,4 +1,4 @@
-"""Drop-in fused modules for Llama-family decoder layers (Llama, Qwen2, Mistral) wrapped by PEFT LoRA.
+"""Drop-in fused modules for Llama-family decoder layers (Llama, Qwen2, Qwen3, Mistral) wrapped by PEFT LoRA.
 
 Each fused module takes over the original's children and parameters under the same attribute names
 (q_proj, ..., gate_proj, ..., weight), so `state_dict()` keys, PEFT's adapter files and PEFT's own
@@ -75,6 +75,12 @@ def project(x: torch.Tensor, modules: Sequence[nn.Module], fused: bool, shared_d
             for i, (pr, p, on) in enumerate(specs)]  # type: ignore[misc]
 
 
+def _head_norm(norm: nn.Module, t: torch.Tensor) -> torch.Tensor:
+    """A per-head RMSNorm (Qwen3's q_norm / k_norm) through the fused kernel."""
+    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
+    return rms_norm(t, norm.weight, float(eps)) if eps is not None else norm(t)
+
+
 def _copy_attrs(dst: nn.Module, src: nn.Module, names: Sequence[str]) -> None:
     for name in names:
         if hasattr(src, name):
@@ -115,6 +121,8 @@ class FusedAttention(_Fused):
                  varlen: bool = True, shared_dropout: bool = True, sdpa_backend: str | None = None) -> None:
         super().__init__()
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = orig.q_proj, orig.k_proj, orig.v_proj, orig.o_proj
+        # Qwen3: RMSNorm over each head of q and k, before rotary (the same children, so the same state_dict keys)
+        self.q_norm, self.k_norm = getattr(orig, "q_norm", None), getattr(orig, "k_norm", None)
         _copy_attrs(self, orig, ("config", "layer_idx", "head_dim", "num_key_value_groups", "scaling",
                                  "attention_dropout", "is_causal", "sliding_window", "layer_type"))
         self.fused_lora, self.fused_rope, self.varlen, self.shared_dropout = fused_lora, fused_rope, varlen, shared_dropout
@@ -132,6 +140,8 @@ class FusedAttention(_Fused):
                           self.shared_dropout, self.dropout_seed, 4 * self.dropout_site, self.adapter_cache,
                           self.fp8_weights)
         q, k, v = (t.view(b, s, -1, self.head_dim) for t in (q, k, v))
+        if self.q_norm is not None:
+            q, k = _head_norm(self.q_norm, q), _head_norm(self.k_norm, k)
         cos, sin = position_embeddings
         if self.fused_rope:
             q, k = rope_qk(q, k, cos, sin)

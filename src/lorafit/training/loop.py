@@ -126,7 +126,7 @@ class Trainer:
                 unsupported = f"no fused kernels for {type(model.get_base_model()).__name__}"
                 if cfg.quantize_base == "fp8":
                     raise ConfigError(f"fp8 runs inside lorafit's fused kernels, which do not cover "
-                                      f"{type(model.get_base_model()).__name__} (they cover Llama, Qwen2 and Mistral)",
+                                      f"{type(model.get_base_model()).__name__} (they cover Llama, Qwen2, Qwen3 and Mistral)",
                                       field="quantize_base")
             if self.dropout_seed is not None and cfg.lora_dropout > 0:
                 _check_seeded_dropout_size(cfg, model.get_base_model().config)

@@ -37,12 +37,19 @@ def as64(*ts: torch.Tensor) -> list[torch.Tensor]:
 
 def tiny_peft(kind: str, dropout: float = 0.0):
     from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
+                              Qwen3ForCausalLM)
 
-    cfg_cls, cls = (LlamaConfig, LlamaForCausalLM) if kind == "llama" else (Qwen2Config, Qwen2ForCausalLM)
+    cfg_cls, cls = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+                    "qwen3": (Qwen3Config, Qwen3ForCausalLM)}[kind]
+    extra = {"head_dim": 8} if kind == "qwen3" else {}
     torch.manual_seed(0)
     model = cls(cfg_cls(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                        num_key_value_heads=2, vocab_size=300, attn_implementation="sdpa")).to(DEV)
+                        num_key_value_heads=2, vocab_size=300, attn_implementation="sdpa", **extra)).to(DEV)
+    if kind == "qwen3":  # q_norm / k_norm start at ones: other weights, so a norm the fused path skipped shows
+        for layer in model.model.layers:
+            for norm in (layer.self_attn.q_norm, layer.self_attn.k_norm):
+                torch.nn.init.uniform_(norm.weight, 0.5, 1.5)
     model.requires_grad_(False)
     peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=TARGETS))
     for name, p in peft.named_parameters():

@@ -33,7 +33,7 @@ def test_adapter_cache_follows_parameter_updates() -> None:
 
 
 @pytest.mark.usefixtures("torch_paths")
-@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
 def test_accelerated_model_matches_peft(kind: str) -> None:
     model = tiny_peft(kind)
     ids = torch.randint(0, 300, (2, 12), device=DEV)
@@ -54,7 +54,7 @@ def test_accelerated_model_matches_peft(kind: str) -> None:
 
 
 @pytest.mark.usefixtures("torch_paths")
-@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
 def test_packed_equals_padded(kind: str) -> None:
     """HF's own packed-sequence support (position_ids) and lorafit's varlen path give the padded loss."""
     model = tiny_peft(kind)
@@ -133,7 +133,7 @@ def test_independent_dropout_option_runs() -> None:
 
 
 @pytest.mark.usefixtures("torch_paths")
-@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
 @pytest.mark.parametrize("ckpt", [False, True])
 def test_fused_residual_and_pinned_sdpa_match_plain_acceleration(kind: str, ckpt: bool) -> None:
     """lorafit's own decoder-layer body (fused residual norm), the pinned SDPA kernel and the smaller
