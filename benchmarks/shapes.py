@@ -25,6 +25,9 @@ SHAPES: dict[str, dict[str, Any]] = {
     "qwen2.5-7b": dict(family="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                        num_attention_heads=28, num_key_value_heads=4, vocab_size=152064, rope_theta=1e6,
                        max_position_embeddings=32768, rms_norm_eps=1e-6, tie_word_embeddings=False),
+    "qwen3-8b": dict(family="qwen3", hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                     num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936, rope_theta=1e6,
+                     max_position_embeddings=40960, rms_norm_eps=1e-6, tie_word_embeddings=False),
     "smollm2-135m": dict(family="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                          num_attention_heads=9, num_key_value_heads=3, vocab_size=49152, rope_theta=100000.0,
                          max_position_embeddings=8192, rms_norm_eps=1e-5, tie_word_embeddings=True),
@@ -35,13 +38,15 @@ PEAK_BF16 = {"H100": 989e12, "H200": 989e12}  # dense bf16 datasheet figures (SX
 def build_model_folder(shape: str, dst: Path, *, device: str = "cuda") -> Path:
     """A bf16 model folder of the named shape with SmolLM2's tokenizer; kept when it already holds one."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
+                              Qwen3ForCausalLM)
 
     dst = Path(dst)
     if (dst / "config.json").is_file():
         return dst
     spec = dict(SHAPES[shape])
-    cfg_cls, model_cls = (LlamaConfig, LlamaForCausalLM) if spec.pop("family") == "llama" else (Qwen2Config, Qwen2ForCausalLM)
+    cfg_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+                          "qwen3": (Qwen3Config, Qwen3ForCausalLM)}[spec.pop("family")]
     torch.manual_seed(0)
     with torch.device(device):
         model = model_cls(cfg_cls(**spec, torch_dtype="bfloat16")).to(torch.bfloat16)
