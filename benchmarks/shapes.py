@@ -28,6 +28,10 @@ SHAPES: dict[str, dict[str, Any]] = {
     "qwen3-8b": dict(family="qwen3", hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
                      num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936, rope_theta=1e6,
                      max_position_embeddings=40960, rms_norm_eps=1e-6, tie_word_embeddings=False),
+    # for the CPU smoke tests of the benchmarks' drivers (every SmolLM2 token id fits its vocabulary)
+    "tiny-llama": dict(family="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, vocab_size=49152, rope_theta=10000.0,
+                       max_position_embeddings=2048, rms_norm_eps=1e-5, tie_word_embeddings=True),
     "smollm2-135m": dict(family="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                          num_attention_heads=9, num_key_value_heads=3, vocab_size=49152, rope_theta=100000.0,
                          max_position_embeddings=8192, rms_norm_eps=1e-5, tie_word_embeddings=True),

@@ -243,14 +243,14 @@ def test_bench_dist_cpu_smoke(tmp_path):
     script = Path(__file__).resolve().parents[3] / "benchmarks" / "bench_dist.py"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, str(script), "--sweep", "2", "--strategy", "fsdp", "--device", "cpu",
-                        "--model", "smollm2-135m", "--steps", "1", "--warmup", "0", "--length", "16",
+                        "--model", "tiny-llama", "--steps", "1", "--warmup", "0", "--length", "16",
                         "--out", str(tmp_path)], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    run = json.loads((tmp_path / "dist-smollm2-135m-n2.json").read_text())["runs"]["fsdp"]
+    run = json.loads((tmp_path / "dist-tiny-llama-n2.json").read_text())["runs"]["fsdp"]
     assert run["world_size"] == 2 and run["tokens_per_s"] > 0
     full = run["params"] * 4 / 2 ** 30  # float32 on CPU
     assert all(abs(g - full / 2) < 0.01 * full for g in run["param_gib_per_rank"])
-    assert (tmp_path / "dist-smollm2-135m-summary.json").is_file()
+    assert (tmp_path / "dist-tiny-llama-summary.json").is_file()
 
 
 @pytest.mark.slow
