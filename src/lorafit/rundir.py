@@ -90,7 +90,7 @@ RECORD_FIELDS: dict[str, tuple[str, ...]] = {
 EVENT_FIELDS: dict[str, tuple[str, ...]] = {
     START: ("total_steps", "effective_warmup_steps", "train_examples", "general_examples", "truncated_examples",
             "val_sets", "world_size", "global_batch_size", "learning_rate", "distributed", "device",
-            "micro_batches_per_epoch", "packing", "fused_kernels", "step_kind", "step_fallback", "fp8_copies_gib"),
+            "micro_batches_per_epoch", "packing", "fused_kernels", "step_kind", "step_fallback", "fp8_copies_gib", "fp8_offloaded_gib"),
     RESUME: ("checkpoint", "world_size"),
     NONFINITE_SKIP: ("loss", "grad_norm", "consecutive"),
     DIVERGED: ("reason",),
@@ -98,7 +98,7 @@ EVENT_FIELDS: dict[str, tuple[str, ...]] = {
     END: ("best_step", "best_loss", "final_eval", "peak_memory_gib", "graphs"),
 }
 """Every event the trainer logs and its fields; the OPTIONAL ones appear only where they apply."""
-OPTIONAL_FIELDS = frozenset({"step_fallback", "peak_memory_gib", "graphs", "fp8_copies_gib"})
+OPTIONAL_FIELDS = frozenset({"step_fallback", "peak_memory_gib", "graphs", "fp8_copies_gib", "fp8_offloaded_gib"})
 EVENTS = tuple(EVENT_FIELDS)
 
 

@@ -160,7 +160,8 @@ def accelerate_model(model: nn.Module, *, fused_lora: bool = True, fused_norm: b
                      shared_dropout: bool = True, ce_chunk: int | None = None,
                      seeded_dropout: bool = False, fused_residual: bool = False, sdpa_backend: str | None = None,
                      checkpointed_ce_chunk: int | None = 256, adapter_cache: bool = True,
-                     max_positions: int | None = None, fp8_base: bool = False) -> nn.Module:
+                     max_positions: int | None = None, fp8_base: bool = False,
+                     fp8_offload: bool = False) -> nn.Module:
     """Swap the decoder's attention, MLP and norms of `model` (PeftModel or *ForCausalLM) for fused ones.
 
     fused_lora: one pass over each shared input for its LoRA projections, in the model dtype.
@@ -191,6 +192,8 @@ def accelerate_model(model: nn.Module, *, fused_lora: bool = True, fused_norm: b
     fp8_base: the fused LoRA products run their frozen GEMMs in FP8 (e4m3, row-wise scales) from copies of
         the frozen weights made here (`lorafit.kernels.fp8`; they hold as many bytes as the bf16 weights,
         which stay for generation and merging). A different computation from the model dtype's.
+        fp8_offload: with fp8_base, the copied bf16 weights wait in host memory while the model is
+        accelerated (the copies then cost no GPU memory); `restore_model` moves them back.
     Only the causal LMs in CAUSAL_LM are accelerated; any other model is left as it is (`swapped` 0, no
     fused cross-entropy). Calling it again re-applies from the original modules with the new flags.
     Returns `model`, swapped in place; `accelerated(model)` is its handle.
@@ -202,7 +205,7 @@ def accelerate_model(model: nn.Module, *, fused_lora: bool = True, fused_norm: b
         return model
     seed = DropoutSeed(next(causal.parameters()).device) if seeded_dropout else None
     cache = AdapterCache() if adapter_cache else None
-    fp8 = Fp8Weights() if fp8_base else None
+    fp8 = Fp8Weights(offload=fp8_offload) if fp8_base else None
     swapped = 0
     for index, layer in enumerate(_layers(causal)):
         attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
@@ -268,6 +271,8 @@ def restore_model(model: nn.Module) -> nn.Module:
     handle = _HANDLES.pop(causal, None)
     if handle is not None:
         handle._detach()
+        if handle.fp8_weights is not None:
+            handle.fp8_weights.reload()
     return model
 
 

@@ -139,10 +139,16 @@ def fp8_matmul(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale:
 
 class Fp8Weights:
     """The FP8 copies of a model's frozen projection weights, made once (the weights never change while
-    an adapter trains) and looked up by the fused LoRA products. `nbytes` is what they hold."""
+    an adapter trains) and looked up by the fused LoRA products. `nbytes` is what they hold.
 
-    def __init__(self) -> None:
+    offload: move each copied bf16 weight to host memory as soon as its copies exist (the fused products
+    never read it again), so the copies cost no GPU memory; `reload()` puts them back (restore_model does).
+    Only for a model nothing else runs while it trains (one process: DDP's wrapper moves the model whole)."""
+
+    def __init__(self, offload: bool = False) -> None:
         self._copies: dict[int, tuple[torch.Tensor, Fp8Weight]] = {}
+        self._offload = offload
+        self._offloaded: list[tuple[torch.Tensor, torch.device]] = []
 
     def get(self, weight: torch.Tensor) -> Fp8Weight | None:
         """The copies of `weight`; None for a shape FP8 GEMMs do not take (a side not a multiple of 16),
@@ -153,7 +159,20 @@ class Fp8Weights:
         if entry is None or entry[0] is not weight:
             entry = (weight, Fp8Weight.of(weight))
             self._copies[id(weight)] = entry
+            if self._offload and weight.is_cuda:
+                self._offloaded.append((weight, weight.device))
+                weight.data = weight.data.to("cpu")
         return entry[1]
+
+    def reload(self) -> None:
+        """The offloaded weights back on their devices."""
+        for weight, device in self._offloaded:
+            weight.data = weight.data.to(device)
+        self._offloaded.clear()
+
+    @property
+    def offloaded_nbytes(self) -> int:
+        return sum(w.numel() * w.element_size() for w, _ in self._offloaded)
 
     def __len__(self) -> int:
         return len(self._copies)

@@ -116,7 +116,8 @@ class Trainer:
             # max_positions: no token attends past its own example, at most max_length tokens (packs attend
             # per example), so a sliding window at least that long never cuts and the layer may be fused.
             model = accelerate_model(model, seeded_dropout=use_triton(torch.empty(0, device=device)),
-                                     max_positions=cfg.max_length, fp8_base=cfg.quantize_base == "fp8")
+                                     max_positions=cfg.max_length, fp8_base=cfg.quantize_base == "fp8",
+                                     fp8_offload=ws == 1)  # one process: nothing else reads the copied bf16 weights
             self.kernels = accelerated(model)
             self.dropout_seed = self.kernels.dropout_seed
             if self.kernels.acceleration.swapped == 0:  # an architecture the fused kernels do not cover
@@ -207,7 +208,8 @@ class Trainer:
                 micro_batches_per_epoch=plan.micro_batches_per_epoch, packing=bool(cfg.packing),
                 fused_kernels=self.fused, step_kind=self.step_kind,
                 **({"step_fallback": self.step_reason} if self.step_reason else {}),
-                **({"fp8_copies_gib": round(fp8.nbytes / 2**30, 6)} if (fp8 := self.fp8_weights()) else {})))
+                **({"fp8_copies_gib": round(fp8.nbytes / 2**30, 6),
+                    "fp8_offloaded_gib": round(fp8.offloaded_nbytes / 2**30, 6)} if (fp8 := self.fp8_weights()) else {})))
         log.info("effective warmup: %d of %d steps (max(warmup_steps=%d, ceil(%.3g x %d)))",
                  plan.warmup_steps, plan.total_steps, cfg.warmup_steps, cfg.warmup_ratio, plan.total_steps)
         log.info("%d training examples (%d general), %d truncated to max_length=%d; global batch %d "

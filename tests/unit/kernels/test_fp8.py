@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lorafit.kernels import LoraProj, accelerate_model, accelerated, causal_lm_loss, lora_group
+from lorafit.kernels import LoraProj, accelerate_model, accelerated, causal_lm_loss, lora_group, restore_model
 from lorafit.kernels.fp8 import E4M3_MAX, Fp8Weight, Fp8Weights, fp8_supported, quantize_rows, quantize_rows_reference
 
 from .helpers import DEV, leaf, rel, tiny_peft
@@ -136,3 +136,20 @@ def test_accelerate_model_fp8_base_trains_near_bf16(torch_paths) -> None:
     assert len(handle.fp8_weights) == 7 * len(model.get_base_model().model.layers)
     assert out[True][0] != out[False][0] and abs(out[True][0] - out[False][0]) < 0.01 * out[False][0]
     assert 0 < rel(out[True][1], out[False][1]) < 0.2
+
+
+def test_offload_moves_each_copied_weight_to_host_and_restore_brings_it_back(torch_paths) -> None:
+    model = tiny_peft("llama").to(DEV)
+    weight = model.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight
+    before = weight.detach().clone()
+    accelerate_model(model, fp8_base=True, fp8_offload=True)
+    fp8 = accelerated(model).fp8_weights
+    on_gpu = DEV.type == "cuda"
+    assert weight.device.type == "cpu"
+    # on a GPU every copied weight (7 projections x 2 layers) waits on the host; host weights have nowhere to go
+    n_weights = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "base_layer.weight" in n)
+    assert fp8.offloaded_nbytes == (n_weights if on_gpu else 0)
+    ids = torch.randint(0, 128, (2, 16), device=DEV)
+    causal_lm_loss(model, {"input_ids": ids, "labels": ids.clone()}).backward()  # trains without them
+    restore_model(model)
+    assert weight.device == DEV and torch.equal(weight.detach(), before) and fp8.offloaded_nbytes == 0

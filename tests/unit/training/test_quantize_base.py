@@ -33,6 +33,7 @@ def test_fp8_base_trains_near_the_model_dtype(tmp_path, tiny_model_dir, cuda_gra
     fp8 = loop.train(_cfg(tmp_path, tiny_model_dir, "fp8", cuda_graph=cuda_graph, quantize_base="fp8"), progress=False)
     lp, lf = _log(plain.run_dir), _log(fp8.run_dir)
     assert "fp8_copies_gib" not in lp[0] and lf[0]["fp8_copies_gib"] > 0
+    assert lf[0]["fp8_offloaded_gib"] == 0  # on CPU the weights already live in host memory
     assert lf[0]["step_kind"] == lp[0]["step_kind"]
     losses = lambda L: [r.get("loss", r.get("eval_loss")) for r in L if r["type"] in ("train", "eval")]
     a, b = losses(lp), losses(lf)
