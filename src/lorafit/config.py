@@ -125,7 +125,8 @@ class TrainConfig:
                             "full 2x1024 steps run 1.24x faster; SmolLM2-135M's run 10% slower). A different computation, like "
                             "QLoRA's quantized base: the adapter trains against the quantized base (its loss is "
                             "measured beside bf16's in docs/speed.md). Needs the fused kernels and a GPU with FP8 "
-                            "tensor cores (compute capability 8.9+); the copies add the bf16 weights' bytes again.")
+                            "tensor cores (compute capability 8.9+). In one process the copied bf16 weights wait in host memory, "
+                            "so the copies cost no GPU memory.")
     cuda_graph: bool | str = _f("auto", "With fused kernels: each micro-batch's examples (a padded batch's rows, or a "
                                 "pack) run as one padding-free row filled to a length bucket (a multiple of 128; rows of one "
                                 "length that fill it exactly stay rows), its forward and backward replayed from a CUDA "

@@ -191,8 +191,8 @@ def accelerate_model(model: nn.Module, *, fused_lora: bool = True, fused_norm: b
         is: the fused attention does not apply windows.
     fp8_base: the fused LoRA products run their frozen GEMMs in FP8 (e4m3, row-wise scales) from copies of
         the frozen weights made here (`lorafit.kernels.fp8`; they hold as many bytes as the bf16 weights,
-        which stay for generation and merging). A different computation from the model dtype's.
-        fp8_offload: with fp8_base, the copied bf16 weights wait in host memory while the model is
+        which are kept for generation and merging). A different computation from the model dtype's.
+    fp8_offload: with fp8_base, the copied bf16 weights wait in host memory while the model is
         accelerated (the copies then cost no GPU memory); `restore_model` moves them back.
     Only the causal LMs in CAUSAL_LM are accelerated; any other model is left as it is (`swapped` 0, no
     fused cross-entropy). Calling it again re-applies from the original modules with the new flags.

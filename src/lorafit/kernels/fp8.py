@@ -11,7 +11,8 @@ Scales are per row, the finest that cuBLASLt/CUTLASS FP8 GEMMs take without bloc
     forward   y  = x W^T     x per token, W per output channel          (copy W,   out x in)
     backward  dx = dy W      dy per token, W per input channel          (copy W^T, in x out)
 FP8 GEMMs take only the "TN" layout, so the backward needs its own transposed copy; the two copies hold as
-many bytes as the bf16 weight, which is kept (generation, evaluation and merging use it). The adapters,
+many bytes as the bf16 weight, which is kept for generation, evaluation and merging (in host memory while
+one process trains: `Fp8Weights(offload=True)`). The adapters,
 their rank-r products and every gradient stay as they are without FP8.
 """
 from __future__ import annotations
