@@ -120,7 +120,7 @@ class TrainConfig:
                                    "the fused products from (seed, micro-batch)) and off elsewhere (CPU: nothing changes); "
                                    "true / false force it. Covers Llama, Qwen2, Qwen3 and Mistral; other architectures train on their own "
                                    "modules and loss (the start event says so).")
-    quantize_base: str = _f("none", "Frozen base weights in the fused LoRA products' GEMMs: 'none' (the model dtype) or "
+    quantize_base: str | None = _f("none", "Frozen base weights in the fused LoRA products' GEMMs: 'none' or null (the model dtype) or "
                             "'fp8' (e4m3 copies with row-wise scales, activations quantized per token; on an H200 an 8B model's "
                             "full 2x1024 steps run 1.24x faster; SmolLM2-135M's run 10% slower). A different computation, like "
                             "QLoRA's quantized base: the adapter trains against the quantized base (its loss is "
@@ -204,6 +204,8 @@ class TrainConfig:
                 bad("augment", f"unknown augmentation {short(a)}; expected some of {AUGMENTATIONS[1:]}")
         if self.general_ratio > 0 and not self.general_data:
             bad("general_ratio", "is > 0 but general_data lists no files")
+        if self.quantize_base is None:  # `quantize_base: null` (LLaMA-Factory's way to say "no quantization")
+            self.quantize_base = "none"
         if self.quantize_base not in QUANTIZE_BASE:
             bad("quantize_base", f"must be one of {QUANTIZE_BASE}, got {short(self.quantize_base)}")
         if self.quantize_base == "fp8" and self.fused_kernels is False:

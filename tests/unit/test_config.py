@@ -106,3 +106,13 @@ def test_a_bad_value_is_traced_to_where_it_was_set(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_config(cfg, ["--balance_steps=2"])
     assert e.value.file == str(cfg) and e.value.line == 3 and e.value.field == "learning_rate"
+
+
+def test_quantize_base_null_means_none(tmp_path):
+    """`quantize_base: null` is LLaMA-Factory's way to say no quantization (its `quantization_bit: null`)."""
+    p = tmp_path / "c.yaml"
+    p.write_text("model: m\ndata: [d.json]\nquantize_base: null\n")
+    assert load_config(p).quantize_base == "none" and TrainConfig().quantize_base == "none"
+    p.write_text("model: m\ndata: [d.json]\nquantize_base: fp4\n")
+    with pytest.raises(ConfigError, match="quantize_base"):
+        load_config(p)
