@@ -205,7 +205,7 @@ def accelerate_model(model: nn.Module, *, fused_lora: bool = True, fused_norm: b
         return model
     seed = DropoutSeed(next(causal.parameters()).device) if seeded_dropout else None
     cache = AdapterCache() if adapter_cache else None
-    fp8 = Fp8Weights(offload=fp8_offload) if fp8_base else None
+    fp8 = Fp8Weights(offload=fp8_offload) if fp8_base and fused_lora else None  # FP8 runs in the fused products
     swapped = 0
     for index, layer in enumerate(_layers(causal)):
         attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
@@ -239,7 +239,7 @@ def accelerate_model(model: nn.Module, *, fused_lora: bool = True, fused_norm: b
         fused_lora=fused_lora, fused_norm=fused_norm, fused_rope=fused_rope, fused_swiglu=fused_swiglu,
         fused_ce=fused_ce, varlen_attention=varlen_attention, shared_dropout=shared_dropout, ce_chunk=ce_chunk,
         seeded_dropout=seeded_dropout, swapped=swapped, fused_residual=fused_residual, sdpa_backend=sdpa_backend,
-        checkpointed_ce_chunk=checkpointed_ce_chunk, adapter_cache=adapter_cache, fp8_base=fp8_base)
+        checkpointed_ce_chunk=checkpointed_ce_chunk, adapter_cache=adapter_cache, fp8_base=fp8 is not None)
     if fp8 is not None:  # the copies now, once: never inside a captured step
         _prepare_fp8(causal, fp8)
     _HANDLES[causal] = Accelerated(model, causal, acceleration, seed, cache, fp8)
