@@ -298,7 +298,7 @@ def _residual_fusable(layer: nn.Module) -> bool:
 
 
 def fused_layer_body(layer: nn.Module, hidden: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-    """LlamaDecoderLayer.forward (also Qwen2, Mistral) in training, with `add_rms_norm` after attention:
+    """LlamaDecoderLayer.forward (also Qwen2, Qwen3, Mistral) in training, with `add_rms_norm` after attention:
         x = norm1(hidden);  a = attn(x);  y, h = norm2(hidden + a), hidden + a;  out = h + mlp(y)
     kwargs are the attention's (position_ids, position_embeddings, packed-sequence keys)."""
     x = layer.input_layernorm(hidden)
