@@ -5,6 +5,7 @@ on the device, outcome read one step later). Bucketing and the one-row batch are
 from __future__ import annotations
 
 import json
+from functools import partial
 
 import pytest
 import torch
@@ -114,12 +115,15 @@ def test_bucketed_step_skips_a_nonfinite_step(tmp_path, tiny_model_dir, monkeypa
     assert all(torch.isfinite(t).all() for t in _adapter(res.run_dir).values())
 
 
-def test_killed_bucketed_run_resumes_bit_identically(tmp_path, tiny_model_dir, monkeypatch):
-    """Pipelined (the GPU default): the unpipelined loop's resume is covered by test_train and test_resume_kill."""
+@pytest.mark.parametrize("quantize_base", ["none", "fp8"])
+def test_killed_bucketed_run_resumes_bit_identically(tmp_path, tiny_model_dir, monkeypatch, quantize_base):
+    """Pipelined (the GPU default): the unpipelined loop's resume is covered by test_train and test_resume_kill.
+    With FP8 frozen GEMMs the resumed run makes the same copies again: still bit-identical."""
     monkeypatch.setattr(loop, "PIPELINE", True)
     from lorafit.training import graphstep
 
-    ref = loop.train(_cfg(tmp_path, tiny_model_dir, "ref", cuda_graph=True), progress=False)
+    cfg = partial(_cfg, quantize_base=quantize_base)
+    ref = loop.train(cfg(tmp_path, tiny_model_dir, "ref", cuda_graph=True), progress=False)
     real = graphstep.BucketedStep.__call__
     calls = {"n": 0}
 
@@ -131,9 +135,9 @@ def test_killed_bucketed_run_resumes_bit_identically(tmp_path, tiny_model_dir, m
 
     monkeypatch.setattr(graphstep.BucketedStep, "__call__", dying)
     with pytest.raises(KeyboardInterrupt):
-        loop.train(_cfg(tmp_path, tiny_model_dir, "cut", cuda_graph=True), progress=False)
+        loop.train(cfg(tmp_path, tiny_model_dir, "cut", cuda_graph=True), progress=False)
     monkeypatch.setattr(graphstep.BucketedStep, "__call__", real)
-    res = loop.train(_cfg(tmp_path, tiny_model_dir, "cut", cuda_graph=True), progress=False)
+    res = loop.train(cfg(tmp_path, tiny_model_dir, "cut", cuda_graph=True), progress=False)
     assert res.resumed_from == 4
     a, b = _adapter(ref.run_dir), _adapter(res.run_dir)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
