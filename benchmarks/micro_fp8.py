@@ -57,6 +57,40 @@ def group_bench(d_in: int, outs: list[int]) -> dict:
     return res
 
 
+def gemm_scaling() -> dict:
+    """The frozen GEMMs alone, forward and dx shapes of one layer x 32: bf16, FP8 with row-wise scales (what
+    quantize_base: fp8 runs) and FP8 with one scale per tensor (cuBLAS's classic FP8 path)."""
+    dev, dt = "cuda", torch.bfloat16
+    shapes = [(d_in, o) for d_in, outs in GROUPS.values() for o in outs]
+    mats = []
+    for d_in, o in shapes:
+        w = torch.randn(o, d_in, device=dev, dtype=dt)
+        x, dy = torch.randn(N, d_in, device=dev, dtype=dt), torch.randn(N, o, device=dev, dtype=dt)
+        qx, qw, qdy, qwt = quantize_rows(x), quantize_rows(w), quantize_rows(dy), quantize_rows(w.t().contiguous())
+        mats.append((x, w, dy, qx, qw, qdy, qwt))
+    one = torch.ones((), device=dev)
+
+    def bf16():
+        for x, w, dy, *_ in mats:
+            x @ w.t()
+            dy @ w
+
+    def rowwise():
+        for _, _, _, qx, qw, qdy, qwt in mats:
+            torch._scaled_mm(qx[0], qw[0].t(), scale_a=qx[1], scale_b=qw[1].view(1, -1), out_dtype=dt)
+            torch._scaled_mm(qdy[0], qwt[0].t(), scale_a=qdy[1], scale_b=qwt[1].view(1, -1), out_dtype=dt)
+
+    def tensorwise():
+        for _, _, _, qx, qw, qdy, qwt in mats:
+            torch._scaled_mm(qx[0], qw[0].t(), scale_a=one, scale_b=one, out_dtype=dt)
+            torch._scaled_mm(qdy[0], qwt[0].t(), scale_a=one, scale_b=one, out_dtype=dt)
+
+    res = {name: 32 * timed(fn) for name, fn in (("bf16_ms", bf16), ("fp8_rowwise_ms", rowwise),
+                                                    ("fp8_tensorwise_ms", tensorwise))}
+    print("frozen GEMMs a step (32 layers):", {k: round(v, 2) for k, v in res.items()}, flush=True)
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", required=True)
@@ -71,6 +105,7 @@ def main() -> None:
     qa, qw = quantize_rows(a), quantize_rows(w)
     y = fp8_matmul(*qa, qw[0], qw[1].view(1, -1), torch.bfloat16)
     out["odd_rows"] = {"shape": list(y.shape), "rel_err": rel(y, a @ w.t())}
+    out["gemm_scaling"] = gemm_scaling()
     print("per step:", out["per_step_32_layers_ms"], "odd rows:", out["odd_rows"])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1))
