@@ -138,6 +138,9 @@ class Trainer:
         if self.step_kind in ("cuda_graph", "bucketed") and not varlen_ready(model):
             self.step_kind, why = "eager_fused", "the model's attention is not lorafit's fused varlen attention"
         log.info("training step: %s%s", self.step_kind, f" ({why})" if why else "")
+        if (fp8 := self.fp8_weights()) is not None:
+            log.info("quantize_base: fp8: %d frozen weights as FP8 copies (%.2f GiB); %.2f GiB of their bf16 weights "
+                     "moved to host memory for the run", len(fp8), fp8.nbytes / 2**30, fp8.offloaded_nbytes / 2**30)
         self.step_reason = why
         self.bucketed = None
         if self.step_kind in ("cuda_graph", "bucketed"):
