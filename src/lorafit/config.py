@@ -210,6 +210,9 @@ class TrainConfig:
             bad("quantize_base", f"must be one of {QUANTIZE_BASE}, got {short(self.quantize_base)}")
         if self.quantize_base == "fp8" and self.fused_kernels is False:
             bad("quantize_base", "fp8 runs inside lorafit's fused kernels; it needs fused_kernels: auto or true")
+        if self.quantize_base == "fp8" and self.distributed == "fsdp":
+            bad("quantize_base", "fp8 runs inside lorafit's fused kernels, which do not run under distributed: fsdp "
+                "(use distributed: ddp or auto)")
         if self.distributed not in ("auto", "ddp", "fsdp"):
             bad("distributed", f"must be auto, ddp or fsdp, got {short(self.distributed)}")
         refused = fused_kernels_refused(self.fused_kernels, self.distributed)

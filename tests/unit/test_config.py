@@ -113,6 +113,7 @@ def test_quantize_base_null_means_none(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("model: m\ndata: [d.json]\nquantize_base: null\n")
     assert load_config(p).quantize_base == "none" and TrainConfig().quantize_base == "none"
-    p.write_text("model: m\ndata: [d.json]\nquantize_base: fp4\n")
-    with pytest.raises(ConfigError, match="quantize_base"):
-        load_config(p)
+    for bad in ("quantize_base: fp4", "quantize_base: fp8\ndistributed: fsdp"):
+        p.write_text(f"model: m\ndata: [d.json]\n{bad}\n")
+        with pytest.raises(ConfigError, match="quantize_base"):
+            load_config(p)
