@@ -10,6 +10,11 @@ output <- output | response | answer | std_answer | ref. `context` is not an ali
 is the passage a question needs, Bitext's a constant label ("customer support"); map it with
 ``columns: {input: context}`` where it is the input. Text in a field that no format reads is not dropped
 unseen: one warning per file names the fields.
+
+Tools: a record's tool definitions (LLaMA-Factory's `tools` column, a JSON string, or OpenAI's list) join its
+system turn as text (`tools_text`), the same for every chat template; function calls (LLaMA-Factory's
+`function_call` turns, OpenAI's `tool_calls`) are trained as the JSON text they hold, and their results
+(`observation`, `tool`) are user turns. OpenAI's content parts are joined when they are all text.
 """
 from __future__ import annotations
 
@@ -174,7 +179,7 @@ def _sharegpt(rec: dict, path: Path, line: int, columns: dict[str, str], tags: d
         role = turn.get(role_tag)
         if not isinstance(role, str) or role not in roles:
             raise DataError(f"unknown role {role!r}", file=str(path), line=line, field=f"{fname}.{role_tag}")
-        content = _need_str(turn.get(content_tag), path, line, f"{fname}.{content_tag}")
+        content = _turn_text(turn, content_tag, roles[role], path, line, f"{fname}.{content_tag}", fname)
         msg = {"role": roles[role], "content": content}
         if "weight" in turn:  # OpenAI's fine-tuning format: an assistant turn with weight 0 is context, not trained
             w = turn["weight"]
@@ -194,6 +199,43 @@ def _sharegpt(rec: dict, path: Path, line: int, columns: dict[str, str], tags: d
     if rec.get(f_sys) and msgs[0]["role"] != "system":
         msgs.insert(0, {"role": "system", "content": _need_str(rec[f_sys], path, line, f_sys)})
     return msgs
+
+
+def _turn_text(turn: dict, content_tag: str, role: str, path: Path, line: int, name: str, fname: str) -> str:
+    """A turn's text: a string; OpenAI's list of content parts (text parts only, joined); an assistant's
+    OpenAI `tool_calls`, each as the JSON object {"name", "arguments"} it asks for (after the text, if any)."""
+    content = turn.get(content_tag)
+    if isinstance(content, list):
+        texts = []
+        for j, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise DataError(f"only text content parts are supported, got {kind!r}", file=str(path), line=line,
+                                field=f"{name}[{j}]")
+            texts.append(part["text"])
+        content = "".join(texts)
+    calls = turn.get("tool_calls")
+    if calls is None:
+        return _need_str(content, path, line, name)
+    if role != "assistant" or not isinstance(calls, list) or not calls:
+        raise DataError("tool_calls must be a non-empty list, on an assistant turn", file=str(path), line=line,
+                        field=f"{fname}.tool_calls")
+    rendered = []
+    for j, call in enumerate(calls):
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"].strip():
+            raise DataError("each tool call needs a function with a name", file=str(path), line=line,
+                            field=f"{fname}.tool_calls[{j}]")
+        args = fn.get("arguments", {})
+        if isinstance(args, str):  # OpenAI sends the arguments as a JSON string
+            try:
+                args = json.loads(args) if args.strip() else {}
+            except (RecursionError, ValueError):
+                raise DataError("arguments must be JSON", file=str(path), line=line,
+                                field=f"{fname}.tool_calls[{j}].function.arguments") from None
+        rendered.append(json.dumps({"name": fn["name"], "arguments": args}, ensure_ascii=False))
+    text = _need_str(content, path, line, name, allow_empty=True) if content is not None else ""
+    return "\n".join(([text] if text.strip() else []) + rendered)
 
 
 def _text(rec: dict, path: Path, line: int, columns: dict[str, str], used: set[str]) -> list[dict[str, str]]:
@@ -263,27 +305,59 @@ def _messages(rec: Any, p: Path, line: int, fmt: str, columns: dict[str, str],
         raise DataError(f"record must be a JSON object, got {type(rec).__name__}", file=str(p), line=line)
     f_tools = columns.get("tools", "tools")
     used.add(f_tools)
-    if _has_tools(rec.get(f_tools)):  # dropping them would teach calls to functions the model never saw
-        raise DataError("tool definitions are not supported; remove the field or these examples", file=str(p),
-                        line=line, field=f_tools)
+    tools = _tools(rec.get(f_tools), p, line, f_tools)
     kind = _detect(rec, columns) if fmt == "auto" else fmt
     if kind == "sharegpt":
-        return kind, _sharegpt(rec, p, line, columns, tags, used)
-    if kind == "text":
-        return kind, _text(rec, p, line, columns, used)
-    if kind == "alpaca":
-        return kind, _alpaca(rec, p, line, columns, used)
-    raise DataError(f"unknown format {kind!r}", file=str(p), field="format")
+        msgs = _sharegpt(rec, p, line, columns, tags, used)
+    elif kind == "text":
+        msgs = _text(rec, p, line, columns, used)
+    elif kind == "alpaca":
+        msgs = _alpaca(rec, p, line, columns, used)
+    else:
+        raise DataError(f"unknown format {kind!r}", file=str(p), field="format")
+    if tools:  # the definitions the calls refer to: dropped, they would teach calls to functions never seen
+        text = tools_text(tools)
+        if msgs[0]["role"] == "system":
+            msgs[0] = {**msgs[0], "content": f"{msgs[0]['content']}\n\n{text}"}
+        else:
+            msgs.insert(0, {"role": "system", "content": text})
+    return kind, msgs
 
 
-def _has_tools(v: Any) -> bool:
-    """LLaMA-Factory stores tools as a JSON string: "[]" says no tools, like a missing or empty field."""
+TOOLS_PREAMBLE = "You have access to the following tools:"
+TOOLS_USAGE = 'To call a tool, answer with a JSON object holding its "name" and "arguments".'
+
+
+def tools_text(tools: list[dict[str, Any]]) -> str:
+    """Tool definitions as the system turn's text, one JSON object a line: the same for every chat template
+    (a function call is trained as the JSON text the data holds, its result as a user turn)."""
+    lines = [json.dumps(t, ensure_ascii=False, sort_keys=False) for t in tools]
+    return "\n".join([TOOLS_PREAMBLE, *lines, TOOLS_USAGE])
+
+
+def _tools(v: Any, path: Path, line: int, name: str) -> list[dict[str, Any]]:
+    """A record's tool definitions: LLaMA-Factory's JSON string or a list, each a function definition
+    ({"name", "description", "parameters"}) or OpenAI's {"type": "function", "function": {...}}. An empty
+    value (None, "", "[]") means no tools."""
+    if v is None or (isinstance(v, str) and not v.strip()):
+        return []
     if isinstance(v, str):
         try:
-            v = json.loads(v) if v.strip() else None
-        except (RecursionError, ValueError):
-            return True
-    return bool(v)
+            v = json.loads(v)
+        except (RecursionError, ValueError) as e:
+            raise DataError(f"tools must be a JSON list of function definitions: {e}", file=str(path), line=line,
+                            field=name) from None
+    if not isinstance(v, list):
+        raise DataError(f"tools must be a list of function definitions, got {type(v).__name__}", file=str(path),
+                        line=line, field=name)
+    out = []
+    for i, t in enumerate(v):
+        fn = t.get("function") if isinstance(t, dict) and t.get("type") == "function" else t
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"].strip():
+            raise DataError("each tool must be an object with a non-empty \"name\"", file=str(path), line=line,
+                            field=f"{name}[{i}]")
+        out.append(fn)
+    return out
 
 
 def read_examples(path: str | Path, fmt: str = "auto", columns: dict[str, str] | None = None) -> list[Example]:

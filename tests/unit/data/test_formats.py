@@ -7,6 +7,7 @@ import re
 import pytest
 
 from lorafit.data import Example, group_references, read_examples
+from lorafit.data.formats import tools_text
 from lorafit.errors import DataError
 
 
@@ -125,25 +126,78 @@ def test_dataset_info_custom_role_tags_system_included(tmp_path):
     assert [m["role"] for m in ex.messages] == ["system", "user", "assistant"] and ex.messages[0]["content"] == "Be brief."
 
 
-@pytest.mark.parametrize("tools", ['[{"name": "weather"}]', [{"name": "weather"}]])
-def test_tool_definitions_are_refused(tmp_path, tools):
-    """Dropped silently, they would train calls to functions the model never saw defined."""
+@pytest.mark.parametrize("tools", ['[{"name": "weather", "parameters": {}}]', [{"name": "weather", "parameters": {}}],
+                                   [{"type": "function", "function": {"name": "weather", "parameters": {}}}]])
+def test_tool_definitions_join_the_system_turn(tmp_path, tools):
+    """LLaMA-Factory's `tools` column (a JSON string), a list, or OpenAI's typed list: the definitions the calls
+    refer to become system text (dropped, they would teach calls to functions the model never saw)."""
     conv = [{"from": "human", "value": "Weather?"}, {"from": "function_call", "value": '{"name": "weather"}'},
             {"from": "observation", "value": "20C"}, {"from": "gpt", "value": "20C"}]
+    want = tools_text([{"name": "weather", "parameters": {}}])
     p = write(tmp_path / "t.jsonl", json.dumps({"conversations": conv, "tools": tools}) + "\n")
-    with pytest.raises(DataError, match="tool definitions are not supported; remove the field") as e:
-        read_examples(p)
-    assert (e.value.line, e.value.field) == (1, "tools")
-    p = write(tmp_path / "t.jsonl", json.dumps({"instruction": "q", "output": "a", "tools": tools}) + "\n")
-    with pytest.raises(DataError, match="tool definitions"):
-        read_examples(p)
-    # Through dataset_info.json's columns.tools: the mapped field is the one named.
+    (ex,) = read_examples(p)
+    assert ex.messages[0] == {"role": "system", "content": want} and ex.messages[2]["content"] == '{"name": "weather"}'
+    p = write(tmp_path / "t.jsonl", json.dumps({"instruction": "q", "output": "a", "system": "Be brief.", "tools": tools}) + "\n")
+    (ex,) = read_examples(p)
+    assert ex.messages[0]["content"] == "Be brief.\n\n" + want  # after the record's own system text
+    # Through dataset_info.json's columns.tools: the mapped field is the one read.
     write(tmp_path / "f.json", json.dumps([{"conversations": conv, "funcs": tools}]))
     write(tmp_path / "dataset_info.json", json.dumps({"fn": {"file_name": "f.json", "formatting": "sharegpt",
                                                              "columns": {"messages": "conversations", "tools": "funcs"}}}))
-    with pytest.raises(DataError, match="tool definitions") as e:
-        read_examples(f"{tmp_path}/dataset_info.json#fn")
-    assert (e.value.file, e.value.line, e.value.field) == (str(tmp_path / "f.json"), 1, "funcs")
+    (ex,) = read_examples(f"{tmp_path}/dataset_info.json#fn")
+    assert ex.messages[0]["content"] == want
+
+
+@pytest.mark.parametrize("tools,field,said", [
+    ("[{name: weather}]", "tools", "tools must be a JSON list"),
+    ('{"name": "weather"}', "tools", "tools must be a list of function definitions, got dict"),
+    ('[{"description": "no name"}]', "tools[0]", 'each tool must be an object with a non-empty "name"'),
+    ('["weather"]', "tools[0]", "each tool must be an object"),
+])
+def test_malformed_tools_name_the_field(tmp_path, tools, field, said):
+    p = write(tmp_path / "t.jsonl", json.dumps({"instruction": "q", "output": "a", "tools": tools}) + "\n")
+    with pytest.raises(DataError, match=re.escape(said)) as e:
+        read_examples(p)
+    assert (e.value.line, e.value.field) == (1, field)
+
+
+def test_openai_tool_calls_and_text_parts(tmp_path):
+    """OpenAI's chat format: content as text parts, assistant tool_calls (arguments a JSON string), tool results."""
+    msgs = [{"role": "user", "content": [{"type": "text", "text": "Weather "}, {"type": "text", "text": "in Paris?"}]},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Paris"}'}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": "20C"},
+            {"role": "assistant", "content": "Checking again.", "tool_calls": [
+                {"id": "c2", "type": "function", "function": {"name": "weather", "arguments": {"city": "Nice"}}}]},
+            {"role": "tool", "tool_call_id": "c2", "content": "22C"},
+            {"role": "assistant", "content": "20C in Paris, 22C in Nice."}]
+    (ex,) = read_examples(write(tmp_path / "o.jsonl", json.dumps({"messages": msgs}) + "\n"))
+    assert [m["role"] for m in ex.messages] == ["user", "assistant", "user", "assistant", "user", "assistant"]
+    assert ex.messages[0]["content"] == "Weather in Paris?"
+    assert ex.messages[1]["content"] == '{"name": "weather", "arguments": {"city": "Paris"}}'
+    assert ex.messages[3]["content"] == 'Checking again.\n{"name": "weather", "arguments": {"city": "Nice"}}'
+
+
+@pytest.mark.parametrize("turn,field,said", [
+    ({"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}, "messages[0].content[0]",
+     "only text content parts are supported, got 'image_url'"),
+    ({"role": "user", "content": "hi", "tool_calls": [{"function": {"name": "f"}}]}, "messages[0].tool_calls",
+     "tool_calls must be a non-empty list, on an assistant turn"),
+])
+def test_unsupported_openai_turns_name_the_field(tmp_path, turn, field, said):
+    msgs = [turn, {"role": "assistant", "content": "ok"}]
+    with pytest.raises(DataError, match=re.escape(said)) as e:
+        read_examples(write(tmp_path / "o.jsonl", json.dumps({"messages": msgs}) + "\n"))
+    assert (e.value.line, e.value.field) == (1, field)
+
+
+def test_tool_call_arguments_must_be_json(tmp_path):
+    msgs = [{"role": "user", "content": "w?"}, {"role": "assistant", "content": None, "tool_calls": [
+        {"type": "function", "function": {"name": "weather", "arguments": "{city: Paris"}}]},
+        {"role": "tool", "content": "20C"}, {"role": "assistant", "content": "20C"}]
+    with pytest.raises(DataError, match="arguments must be JSON") as e:
+        read_examples(write(tmp_path / "o.jsonl", json.dumps({"messages": msgs}) + "\n"))
+    assert e.value.field == "messages[1].tool_calls[0].function.arguments"
 
 
 def test_empty_tools_and_tool_roles_are_kept(tmp_path):
