@@ -267,3 +267,13 @@ def test_dataset_info_bad_formatting_names_the_info_file(tmp_path, formatting):
     with pytest.raises(DataError, match="unknown formatting") as e:
         read_examples(f"{info}#mine")
     assert (e.value.file, e.value.field) == (str(info), "mine.formatting")
+
+
+def test_a_configured_system_prompt_goes_before_tool_definitions():
+    from lorafit.data.chat import _with_system
+
+    tools = {"role": "system", "content": tools_text([{"name": "weather"}])}
+    msgs = [tools, {"role": "user", "content": "w?"}, {"role": "assistant", "content": "20C"}]
+    assert _with_system(msgs, "Be brief.")[0]["content"] == "Be brief.\n\n" + tools["content"]
+    own = [{"role": "system", "content": "Mine.\n\n" + tools["content"]}] + msgs[1:]
+    assert _with_system(own, "Be brief.") == own  # the record's own system text wins, as without tools
