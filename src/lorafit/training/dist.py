@@ -60,6 +60,9 @@ class Watchdog:
         self._phase: str | None = None
         self._since = 0.0
         self._armed = world()[2] > 1
+        # Rank 0 holds the run folder's lock: when every rank waits in the same phase it fires first and
+        # removes the lock, before torchrun tears down the other ranks (a rank it kills cannot clean up).
+        self._grace = 0.0 if world()[0] == 0 else min(5.0, 0.25 * timeout_s)
         if self._armed:
             threading.Thread(target=self._watch, name="lorafit-watchdog", daemon=True).start()
 
@@ -77,7 +80,7 @@ class Watchdog:
         while True:
             time.sleep(tick)
             phase, since = self._phase, self._since
-            if phase is not None and time.monotonic() - since > self.timeout_s:
+            if phase is not None and time.monotonic() - since > self.timeout_s + self._grace:
                 self.fire(phase)
 
     def fire(self, phase: str) -> None:
