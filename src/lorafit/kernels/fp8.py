@@ -2,8 +2,8 @@
 (`quantize_base: fp8`).
 
 Why: at full rows the frozen GEMMs are two thirds of a LoRA step on an 8B model (docs/speed.md), and they
-already run at the bf16 ceiling; in e4m3 they take 48 instead of 80 ms a step on an H200 (micro_fp8.py). Like QLoRA's 4-bit
-base, the frozen weights are used quantized while the adapter trains; unlike it, the activations are
+already run at the bf16 ceiling; in e4m3 they take 48 instead of 80 ms a step on an H200 (micro_fp8.py).
+Like QLoRA's 4-bit base, the frozen weights are used quantized while the adapter trains; unlike it, the activations are
 quantized too (the GEMM itself runs in FP8), so this is a different computation from the bf16 step, not a
 faster way to do the same one: the loss it reaches is measured beside bf16's (docs/speed.md).
 
