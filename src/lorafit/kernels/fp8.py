@@ -39,13 +39,13 @@ def fp8_supported(device: torch.device | str) -> str | None:
         if (major, minor) < (8, 9):
             return (f"needs a GPU with FP8 tensor cores (compute capability 8.9 or higher: Ada, Hopper, "
                     f"Blackwell); {torch.cuda.get_device_name(device)} is {major}.{minor}")
-        return None
-    try:  # CPU: torch's reference FP8 GEMM (slow; for tests), present in recent torch only
-        a = torch.zeros((1, 16), dtype=E4M3, device=device)
-        torch._scaled_mm(a, a.t(), scale_a=torch.ones((1, 1), device=device),
-                         scale_b=torch.ones((1, 1), device=device), out_dtype=torch.bfloat16)
+    try:  # the product with row-wise scales, as the fused groups call it (on CPU: torch's slow reference)
+        a = torch.zeros((16, 16), dtype=E4M3, device=device)
+        torch._scaled_mm(a, a.t(), scale_a=torch.ones((16, 1), device=device),
+                         scale_b=torch.ones((1, 16), device=device), out_dtype=torch.bfloat16)
     except (RuntimeError, NotImplementedError, AttributeError, TypeError) as e:
-        return f"needs FP8 matrix products, which this torch ({torch.__version__}) lacks on {device.type}: {e}"
+        return (f"needs FP8 matrix products with row-wise scales, which this torch ({torch.__version__}) lacks "
+                f"on {device.type}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
     return None
 
 

@@ -153,3 +153,13 @@ def test_offload_moves_each_copied_weight_to_host_and_restore_brings_it_back(tor
     causal_lm_loss(model, {"input_ids": ids, "labels": ids.clone()}).backward()  # trains without them
     restore_model(model)
     assert weight.device.type == DEV.type and torch.equal(weight.detach(), before) and fp8.offloaded_nbytes == 0
+
+
+def test_a_torch_without_the_product_is_named(monkeypatch) -> None:
+    """Checked before training (an error naming quantize_base), not discovered in the first step."""
+    def missing(*a, **k):
+        raise RuntimeError("scaled_mm is not supported here\nmore detail")
+
+    monkeypatch.setattr(torch, "_scaled_mm", missing)
+    why = fp8_supported("cpu")
+    assert why is not None and "row-wise scales" in why and why.endswith("scaled_mm is not supported here")
