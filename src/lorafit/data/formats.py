@@ -13,8 +13,8 @@ unseen: one warning per file names the fields.
 
 Tools: a record's tool definitions (LLaMA-Factory's `tools` column, a JSON string, or OpenAI's list) join its
 system turn as text (`tools_text`), the same for every chat template; function calls (LLaMA-Factory's
-`function_call` turns, OpenAI's `tool_calls`) are trained as the JSON text they hold, and their results
-(`observation`, `tool`) are user turns. OpenAI's content parts are joined when they are all text.
+`function_call` turns, OpenAI's `tool_calls` or older `function_call`) are trained as the JSON text they
+hold, and their results (`observation`, `tool`, `function`) are user turns. OpenAI's content parts are joined when they are all text.
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ ALIASES = {
 }
 ROLE_MAP = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
             "model": "assistant", "bot": "assistant", "system": "system", "observation": "user",
-            "function_call": "assistant", "tool": "user"}
+            "function_call": "assistant", "tool": "user", "function": "user"}  # function: OpenAI's older tool result
 _DOLLY_TURN = re.compile(r"### (Human|Assistant):")
 _DOLLY_SHAPE = "expected '### Human: question ### Assistant: answer', more turns alternating the same way"
 # Fields that hold no prompt or answer text: never reported as unused.
@@ -215,6 +215,8 @@ def _turn_text(turn: dict, content_tag: str, role: str, path: Path, line: int, n
             texts.append(part["text"])
         content = "".join(texts)
     calls = turn.get("tool_calls")
+    if calls is None and isinstance(turn.get("function_call"), dict):  # OpenAI's older single call
+        calls = [{"type": "function", "function": turn["function_call"]}]
     if calls is None:
         return _need_str(content, path, line, name)
     if role != "assistant" or not isinstance(calls, list) or not calls:

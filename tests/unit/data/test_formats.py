@@ -176,6 +176,12 @@ def test_openai_tool_calls_and_text_parts(tmp_path):
     assert ex.messages[0]["content"] == "Weather in Paris?"
     assert ex.messages[1]["content"] == '{"name": "weather", "arguments": {"city": "Paris"}}'
     assert ex.messages[3]["content"] == 'Checking again.\n{"name": "weather", "arguments": {"city": "Nice"}}'
+    # OpenAI's older shape: one `function_call` on the assistant turn, the result in a `function` turn
+    old = [msgs[0], {"role": "assistant", "content": None, "function_call": {"name": "weather", "arguments": "{}"}},
+           {"role": "function", "name": "weather", "content": "20C"}, {"role": "assistant", "content": "20C."}]
+    (ex,) = read_examples(write(tmp_path / "f.jsonl", json.dumps({"messages": old}) + "\n"))
+    assert [m["role"] for m in ex.messages] == ["user", "assistant", "user", "assistant"]
+    assert ex.messages[1]["content"] == '{"name": "weather", "arguments": {}}'
 
 
 @pytest.mark.parametrize("turn,field,said", [
