@@ -113,29 +113,15 @@ class Fp8Weight:
         return sum(t.numel() * t.element_size() for t in (self.w, self.w_scale, self.wt, self.wt_scale))
 
 
-_PAD_ROWS: bool | None = None  # whether this torch's FP8 GEMM wants m a multiple of 16 (found on first refusal)
-
-
 def fp8_matmul(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
                out_dtype: torch.dtype) -> torch.Tensor:
     """(a * a_scale) @ (b * b_scale)^T for e4m3 a (m x k) and b (n x k), row scales (m x 1) and (1 x n).
 
-    On CUDA the row-wise kernel writes bf16 only: another model dtype gets bf16's rounding, then a cast."""
-    global _PAD_ROWS
-    dt = torch.bfloat16 if a.is_cuda else out_dtype
-    m = a.shape[0]
-    if a.is_cuda and _PAD_ROWS and m % 16:
-        extra = 16 - m % 16
-        a = torch.cat([a, a.new_zeros((extra, a.shape[1]))])
-        a_scale = torch.cat([a_scale, a_scale.new_ones((extra, 1))])
-    try:
-        out = torch._scaled_mm(a, b.t(), scale_a=a_scale, scale_b=b_scale, out_dtype=dt)
-    except RuntimeError:
-        if not a.is_cuda or _PAD_ROWS or m % 16 == 0:
-            raise
-        _PAD_ROWS = True
-        return fp8_matmul(a, a_scale, b, b_scale, out_dtype)
-    return (out[:m] if out.shape[0] != m else out).to(out_dtype)
+    torch requires k and n to be multiples of 16 (`Fp8Weights.get` keeps other weights out), any m. On CUDA
+    the row-wise kernel writes bf16 only: another model dtype gets bf16's rounding, then a cast."""
+    out = torch._scaled_mm(a, b.t(), scale_a=a_scale, scale_b=b_scale,
+                           out_dtype=torch.bfloat16 if a.is_cuda else out_dtype)
+    return out.to(out_dtype)
 
 
 class Fp8Weights:

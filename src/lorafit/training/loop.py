@@ -110,6 +110,7 @@ class Trainer:
         if self.fused:
             from ..kernels import accelerate_model, accelerated
             from ..kernels._triton import use_triton
+            from ..kernels.accelerate import CAUSAL_LM
 
             # Where Triton runs, LoRA dropout is drawn inside the rank-r products from a seed (the fast path,
             # docs/speed.md); the seed is set per micro-batch, like torch's RNG for the other paths.
@@ -127,7 +128,7 @@ class Trainer:
                 unsupported = f"no fused kernels for {type(model.get_base_model()).__name__}"
                 if cfg.quantize_base == "fp8":
                     raise ConfigError(f"fp8 runs inside lorafit's fused kernels, which do not cover "
-                                      f"{type(model.get_base_model()).__name__} (they cover Llama, Qwen2, Qwen3 and Mistral)",
+                                      f"{type(model.get_base_model()).__name__} (they cover {', '.join(CAUSAL_LM)})",
                                       field="quantize_base")
             if self.dropout_seed is not None and cfg.lora_dropout > 0:
                 _check_seeded_dropout_size(cfg, model.get_base_model().config)
@@ -222,8 +223,8 @@ class Trainer:
         return ckpt
 
     def fp8_weights(self) -> Any:
-        """The FP8 copies of the frozen weights (`quantize_base: fp8`), or None."""
-        return getattr(self.kernels, "fp8_weights", None) if self.kernels is not None else None
+        """The FP8 copies of the frozen weights (`quantize_base: fp8`, a `kernels.fp8.Fp8Weights`), or None."""
+        return getattr(self.kernels, "fp8_weights", None)
 
     # --- the loop's three pieces
     def evaluate(self, step: int) -> bool:

@@ -124,3 +124,8 @@ def test_the_trainer_says_why_no_fused_kernels_ran(tmp_path, tiny_model_dir):
     run = train(cfg, progress=False).run_dir
     start = json.loads((run / "log.jsonl").read_text().splitlines()[0])
     assert start["step_kind"] == "eager" and "no fused kernels for GPT2LMHeadModel" in start["step_fallback"]
+    # FP8 base weights run only inside the fused products: on GPT-2 that is a config error, nothing written
+    cfg.output_dir, cfg.quantize_base = str(tmp_path / "fp8"), "fp8"
+    with pytest.raises(ConfigError, match="do not cover GPT2LMHeadModel") as e:
+        train(cfg, progress=False)
+    assert e.value.field == "quantize_base" and not (tmp_path / "fp8").exists()
