@@ -122,7 +122,7 @@ class TrainConfig:
                                    "modules and loss (the start event says so).")
     quantize_base: str | None = _f("none", "Frozen base weights in the fused LoRA products' GEMMs: 'none' or null (the model dtype) or "
                             "'fp8' (e4m3 copies with row-wise scales, activations quantized per token; on an H200 an 8B model's "
-                            "full 2x1024 steps run 1.24x faster; SmolLM2-135M's run 10% slower). A different computation, like "
+                            "full 2x1024 steps run 1.24x faster; SmolLM2-135M's run no faster). A different computation, like "
                             "QLoRA's quantized base: the adapter trains against the quantized base (its loss is "
                             "measured beside bf16's in docs/speed.md). Needs the fused kernels and a GPU with FP8 "
                             "tensor cores (compute capability 8.9+). In one process the copied bf16 weights wait in host memory, "
