@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import DataError
-from .formats import TOOLS_PREAMBLE, Example
+from .formats import Example
 
 # ChatML: the documented fallback for models that ship no chat template.
 CHATML_TEMPLATE = (
@@ -35,10 +35,10 @@ def render_prompt(tokenizer: Any, messages: list[dict[str, str]], system_prompt:
 
 def _with_system(messages: list[dict[str, str]], system_prompt: str | None) -> list[dict[str, str]]:
     """The configured system prompt for a conversation without a system turn of its own; one whose system
-    turn holds only its tool definitions (`formats.tools_text`) gets the prompt before them."""
+    turn holds only its tool definitions (`only_tools`, from `formats`) gets the prompt before them."""
     if system_prompt and (not messages or messages[0]["role"] != "system"):
         return [{"role": "system", "content": system_prompt}] + list(messages)
-    if system_prompt and messages[0]["content"].startswith(TOOLS_PREAMBLE):
+    if system_prompt and messages[0].get("only_tools"):
         return [{**messages[0], "content": f"{system_prompt}\n\n{messages[0]['content']}"}] + list(messages[1:])
     return list(messages)
 

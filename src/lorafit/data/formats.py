@@ -322,7 +322,7 @@ def _messages(rec: Any, p: Path, line: int, fmt: str, columns: dict[str, str],
         if msgs[0]["role"] == "system":
             msgs[0] = {**msgs[0], "content": f"{msgs[0]['content']}\n\n{text}"}
         else:
-            msgs.insert(0, {"role": "system", "content": text})
+            msgs.insert(0, {"role": "system", "content": text, "only_tools": True})  # system_prompt still applies
     return kind, msgs
 
 

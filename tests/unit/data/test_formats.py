@@ -136,7 +136,8 @@ def test_tool_definitions_join_the_system_turn(tmp_path, tools):
     want = tools_text([{"name": "weather", "parameters": {}}])
     p = write(tmp_path / "t.jsonl", json.dumps({"conversations": conv, "tools": tools}) + "\n")
     (ex,) = read_examples(p)
-    assert ex.messages[0] == {"role": "system", "content": want} and ex.messages[2]["content"] == '{"name": "weather"}'
+    assert ex.messages[0] == {"role": "system", "content": want, "only_tools": True}
+    assert ex.messages[2]["content"] == '{"name": "weather"}'
     p = write(tmp_path / "t.jsonl", json.dumps({"instruction": "q", "output": "a", "system": "Be brief.", "tools": tools}) + "\n")
     (ex,) = read_examples(p)
     assert ex.messages[0]["content"] == "Be brief.\n\n" + want  # after the record's own system text
@@ -278,8 +279,8 @@ def test_dataset_info_bad_formatting_names_the_info_file(tmp_path, formatting):
 def test_a_configured_system_prompt_goes_before_tool_definitions():
     from lorafit.data.chat import _with_system
 
-    tools = {"role": "system", "content": tools_text([{"name": "weather"}])}
+    tools = {"role": "system", "content": tools_text([{"name": "weather"}]), "only_tools": True}
     msgs = [tools, {"role": "user", "content": "w?"}, {"role": "assistant", "content": "20C"}]
     assert _with_system(msgs, "Be brief.")[0]["content"] == "Be brief.\n\n" + tools["content"]
-    own = [{"role": "system", "content": "Mine.\n\n" + tools["content"]}] + msgs[1:]
+    own = [{"role": "system", "content": "Mine.\n\n" + tools["content"]}] + msgs[1:]  # merged: no only_tools
     assert _with_system(own, "Be brief.") == own  # the record's own system text wins, as without tools
